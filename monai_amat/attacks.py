@@ -1,0 +1,384 @@
+"""Projected gradient descent (PGD) that ascends any per-sample task loss.
+
+The attack is task-agnostic: a task contributes a per-sample loss ``loss_fn(pred, target) -> Tensor[B]`` and,
+optionally, a criterion ``criterion(pred, target) -> BoolTensor[B]`` that says which samples are still "correct".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from monai.utils import convert_to_dst_type
+from torch import nn
+
+__all__ = ["PGD", "AttackResult", "per_sample_norm", "check_per_sample", "map_tensors", "to_float32"]
+
+NORMS = ("l2", "linf")
+# normalisation layers whose running statistics must not move while an attack runs the network in train mode
+_STAT_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def per_sample_norm(x: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """Norm of every batch item of ``x``.
+
+    Args:
+        x: tensor of shape ``(B, ...)``.
+        norm: ``"l2"`` or ``"linf"``.
+
+    Returns:
+        Tensor of shape ``(B,)``.
+    """
+    flat = x.detach().flatten(1).float()
+    return flat.norm(p=2, dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+
+
+def check_per_sample(loss: torch.Tensor, batch_size: int, name: str = "loss_fn") -> torch.Tensor:
+    """Check that ``loss`` holds one value per sample.
+
+    Args:
+        loss: the value returned by a per-sample loss.
+        batch_size: number of samples in the batch.
+        name: how to call the loss in the error message.
+
+    Returns:
+        ``loss`` unchanged.
+
+    Raises:
+        ValueError: when ``loss`` is not a tensor of shape ``(batch_size,)``.
+    """
+    if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (batch_size,):
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"{name} must return one value per sample, shape ({batch_size},), got {shape}; "
+            "use reduction='none' and average over all but the batch dimension "
+            "(see monai_amat.losses.PerSampleLoss)."
+        )
+    return loss
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a (nested) list, tuple or dict, as networks and losses return them.
+
+    Args:
+        obj: a tensor, or a list/tuple/dict holding tensors (other values are kept as they are).
+        fn: the function applied to each tensor.
+
+    Returns:
+        The same structure with ``fn`` applied to its tensors.
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def to_float32(pred: Any) -> Any:
+    """Cast every floating tensor of a (nested) prediction to float32, so losses and input gradients are float32.
+
+    Args:
+        pred: a network output (tensor, list/tuple or dict).
+
+    Returns:
+        The same structure with float32 floating tensors.
+    """
+    return map_tensors(pred, lambda t: t.float() if t.is_floating_point() else t)
+
+
+@dataclass
+class AttackResult:
+    """What :py:meth:`PGD.attack` found, per sample.
+
+    Attributes:
+        adv: adversarial inputs, detached, same shape and type as the clean inputs.
+        found: ``(B,)`` bool; some iterate made the sample wrong (always False without a criterion).
+        noise_norm: ``(B,)`` norm of the final noise ``adv - inputs``.
+        boundary_norm: ``(B,)`` noise norm of the first iterate that made the sample wrong, refined by bisection
+            when asked; equal to ``noise_norm`` where nothing was found.
+    """
+
+    adv: torch.Tensor
+    found: torch.Tensor
+    noise_norm: torch.Tensor
+    boundary_norm: torch.Tensor
+
+
+class PGD:
+    """Untargeted projected gradient descent that ascends a per-sample loss, with one ``eps`` per sample.
+
+    Every step ascends the summed per-sample loss (L2: the gradient divided by its per-sample L2 norm; Linf: its
+    sign) with the per-sample step ``alpha * eps / steps``, projects the noise back onto the per-sample eps-ball,
+    then clamps the values to ``value_range`` when one is given. Gradients are taken only with respect to the
+    input: parameters get none, and their ``requires_grad`` flags and the network's train/eval mode are restored
+    on return.
+
+    Example::
+
+        attack = PGD(per_sample_loss, norm="l2", steps=20, alpha=4.0)
+        adv = attack(network, images, labels, eps=torch.tensor([1.0, 2.5]))
+
+    Args:
+        loss_fn: ``loss_fn(pred, target) -> Tensor[B]``, one loss value per sample. ``pred`` is whatever the
+            network (or ``forward_fn``) returns, cast to float32: a tensor, a list/tuple or a dict.
+        norm: ``"l2"`` or ``"linf"``.
+        steps: number of ascent steps; the step size ``alpha * eps / steps`` keeps ``alpha`` meaningful when
+            ``steps`` changes.
+        alpha: relative step size.
+        random_start: start from a random point of the eps-ball (or of the sphere of radius ``start_radius``
+            when the call gives one) instead of the clean input.
+        value_range: ``(lo, hi)`` to clamp adversarial values to; None (default) does not clamp.
+        train_mode: run the network in train mode during the attack, with its normalisation layers frozen in
+            eval mode, for networks that only yield losses in train mode (detection). Default: eval mode.
+
+    Raises:
+        ValueError: for an unknown ``norm``, ``steps < 1``, ``alpha <= 0`` or an empty ``value_range``.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        norm: str = "l2",
+        steps: int = 20,
+        alpha: float = 4.0,
+        random_start: bool = True,
+        value_range: Sequence[float] | None = None,
+        train_mode: bool = False,
+    ) -> None:
+        norm = str(norm).lower()
+        if norm not in NORMS:
+            raise ValueError(f"PGD norm must be one of {NORMS}, got {norm!r}.")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"PGD steps must be an integer >= 1, got {steps!r}.")
+        if not alpha > 0:
+            raise ValueError(f"PGD alpha must be > 0, got {alpha!r}.")
+        if value_range is not None and (len(value_range) != 2 or not value_range[0] < value_range[1]):
+            raise ValueError(f"PGD value_range must be (lo, hi) with lo < hi, got {value_range!r}.")
+        self.loss_fn = loss_fn
+        self.norm = norm
+        self.steps = int(steps)
+        self.alpha = float(alpha)
+        self.random_start = bool(random_start)
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
+        self.train_mode = bool(train_mode)
+
+    def __call__(
+        self,
+        network: nn.Module,
+        inputs: torch.Tensor,
+        targets: Any,
+        eps: float | torch.Tensor,
+        *,
+        start_radius: float | torch.Tensor | None = None,
+        forward_fn: Callable[[torch.Tensor], Any] | None = None,
+    ) -> torch.Tensor:
+        """Adversarial inputs within the per-sample eps-ball.
+
+        Args:
+            network: the network to attack (its mode and parameter flags are restored on return).
+            inputs: clean inputs ``(B, C, spatial...)``; 2D and 3D, plain tensors or MetaTensors.
+            targets: whatever ``loss_fn`` takes as target (tensor, list of dicts, ...).
+            eps: noise budget, a float or a ``(B,)`` tensor, each ``>= 0``.
+            start_radius: radius of the random start per sample (float or ``(B,)``); None: uniform in the ball.
+            forward_fn: computes the prediction from the (perturbed) inputs, e.g. an inferer around ``network``;
+                default ``network(x)``.
+
+        Returns:
+            Detached adversarial inputs of the same shape and type as ``inputs``.
+        """
+        return self.attack(network, inputs, targets, eps, start_radius=start_radius, forward_fn=forward_fn).adv
+
+    def attack(
+        self,
+        network: nn.Module,
+        inputs: torch.Tensor,
+        targets: Any,
+        eps: float | torch.Tensor,
+        *,
+        criterion: Callable[[Any, Any], torch.Tensor] | None = None,
+        start_radius: float | torch.Tensor | None = None,
+        forward_fn: Callable[[torch.Tensor], Any] | None = None,
+        bisection_steps: int = 0,
+    ) -> AttackResult:
+        """Run the attack and, with a criterion, check every iterate.
+
+        Args:
+            network: the network to attack.
+            inputs: clean inputs ``(B, ...)``.
+            targets: targets for ``loss_fn`` and ``criterion``.
+            eps: noise budget, a float or a ``(B,)`` tensor, each ``>= 0``.
+            criterion: ``criterion(pred, target) -> BoolTensor[B]``, True where the sample is still correct;
+                evaluated on every iterate (the start, each step, and the final one).
+            start_radius: radius of the random start per sample; None: uniform in the eps-ball.
+            forward_fn: computes the prediction from the inputs; default ``network(x)``.
+            bisection_steps: refine the first-wrong noise norm by bisection between the last correct and the
+                first wrong iterate (one extra forward pass per step); 0 disables it.
+
+        Returns:
+            An :py:class:`AttackResult`.
+
+        Raises:
+            ValueError: for a negative or non-finite ``eps``, or a loss that is not one value per sample.
+        """
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        x = x.detach()
+        batch = x.shape[0]
+        eps_t = self._per_sample(eps, batch, x, "eps")
+        forward = network if forward_fn is None else forward_fn
+        track = criterion is not None
+
+        with self._attack_mode(network), torch.enable_grad():
+            adv = self._clamp(x, x + self._start(x, eps_t, start_radius))
+            found = torch.zeros(batch, dtype=torch.bool, device=x.device)
+            boundary = torch.zeros(batch, device=x.device)
+            brackets = (torch.zeros_like(x), torch.zeros_like(x)) if track and bisection_steps > 0 else None
+            step_size = _view(self.alpha * eps_t / self.steps, x)
+            for _ in range(self.steps):
+                adv.requires_grad_(True)
+                pred = to_float32(forward(adv))
+                loss = check_per_sample(self.loss_fn(pred, targets), batch)
+                if track:
+                    self._track(
+                        criterion(map_tensors(pred, torch.Tensor.detach), targets),
+                        adv.detach() - x,
+                        found,
+                        boundary,
+                        brackets,
+                    )
+                (grad,) = torch.autograd.grad(loss.sum(), adv)
+                adv = self._step(x, adv.detach(), grad, step_size, eps_t)
+            if track:
+                with torch.no_grad():
+                    self._track(criterion(to_float32(forward(adv)), targets), adv - x, found, boundary, brackets)
+                    if brackets is not None:
+                        boundary = self._bisect(
+                            forward, criterion, x, targets, found, boundary, brackets, bisection_steps
+                        )
+
+        noise_norm = per_sample_norm(adv - x, self.norm)
+        return AttackResult(
+            adv=convert_to_dst_type(adv, inputs)[0].detach(),
+            found=found,
+            noise_norm=noise_norm,
+            boundary_norm=torch.where(found, boundary, noise_norm),
+        )
+
+    def _per_sample(self, value: float | torch.Tensor, batch: int, x: torch.Tensor, name: str) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float32, device=x.device).detach()
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"PGD {name} must be a float or a tensor of shape ({batch},), got shape {tuple(t.shape)}.")
+        bad = (~torch.isfinite(t)) | (t < 0)
+        if bad.any():
+            raise ValueError(
+                f"PGD {name} must be finite and >= 0, got {t[bad].tolist()} at batch positions "
+                f"{bad.nonzero().flatten().tolist()}."
+            )
+        return t.to(x.dtype)
+
+    def _start(self, x: torch.Tensor, eps: torch.Tensor, start_radius: float | torch.Tensor | None) -> torch.Tensor:
+        if not self.random_start:
+            return torch.zeros_like(x)
+        if start_radius is None:
+            radius, on_sphere = eps, False
+        else:
+            radius, on_sphere = self._per_sample(start_radius, x.shape[0], x, "start_radius"), True
+        if self.norm == "linf":
+            noise = (torch.rand_like(x) * 2 - 1) * _view(radius, x)
+        else:
+            noise = torch.randn_like(x)
+            scale = radius if on_sphere else radius * torch.rand_like(radius)
+            noise = noise * _view(scale / per_sample_norm(noise).clamp_min(1e-12).to(x.dtype), x)
+        return self._project(noise, eps)
+
+    def _project(self, noise: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.norm == "linf":
+            bound = _view(eps, noise)
+            return torch.maximum(torch.minimum(noise, bound), -bound)
+        factor = torch.clamp(eps / per_sample_norm(noise).clamp_min(1e-12).to(noise.dtype), max=1.0)
+        return noise * _view(factor, noise)
+
+    def _clamp(self, x: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        return adv if self.value_range is None else adv.clamp(*self.value_range)
+
+    def _step(
+        self, x: torch.Tensor, adv: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor
+    ) -> torch.Tensor:
+        if self.norm == "linf":
+            direction = grad.sign()
+        else:
+            direction = grad / _view(per_sample_norm(grad).clamp_min(1e-12).to(grad.dtype), grad)
+        adv = adv + step_size * direction
+        return self._clamp(x, x + self._project(adv - x, eps)).detach()
+
+    def _track(
+        self,
+        correct: torch.Tensor,
+        noise: torch.Tensor,
+        found: torch.Tensor,
+        boundary: torch.Tensor,
+        brackets: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """Record, in place, the first iterate that made each sample wrong (and the last one before it)."""
+        correct = correct.to(device=found.device, dtype=torch.bool).view(-1)
+        new = ~correct & ~found
+        boundary[new] = per_sample_norm(noise[new], self.norm).to(boundary.dtype)
+        if brackets is not None:
+            last_correct, first_wrong = brackets
+            still = correct & ~found
+            last_correct[still] = noise[still]
+            first_wrong[new] = noise[new]
+        found |= new
+
+    def _bisect(
+        self,
+        forward: Callable[[torch.Tensor], Any],
+        criterion: Callable[[Any, Any], torch.Tensor],
+        x: torch.Tensor,
+        targets: Any,
+        found: torch.Tensor,
+        boundary: torch.Tensor,
+        brackets: tuple[torch.Tensor, torch.Tensor],
+        steps: int,
+    ) -> torch.Tensor:
+        """Bisect between the last correct and the first wrong noise; return the norm of the wrong end."""
+        low, high = brackets
+        for _ in range(steps):
+            mid = (low + high) / 2
+            correct = criterion(to_float32(forward(self._clamp(x, x + mid))), targets).to(found.device).view(-1)
+            move_low = _view(correct & found, x)
+            low = torch.where(move_low, mid, low)
+            high = torch.where(_view(~correct & found, x), mid, high)
+        return torch.where(found, per_sample_norm(high, self.norm).to(boundary.dtype), boundary)
+
+    @contextmanager
+    def _attack_mode(self, network: nn.Module) -> Iterator[None]:
+        """Freeze parameters and set the attack's mode; restore both, and skip DDP's gradient sync."""
+        modes = [(m, m.training) for m in network.modules()]
+        flags = [(p, p.requires_grad) for p in network.parameters()]
+        try:
+            network.train(self.train_mode)
+            if self.train_mode:
+                for m in network.modules():
+                    if isinstance(m, _STAT_LAYERS):
+                        m.eval()
+            for p, _ in flags:
+                p.requires_grad_(False)
+            no_sync = network.no_sync() if isinstance(network, nn.parallel.DistributedDataParallel) else nullcontext()
+            with no_sync:
+                yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            for p, flag in flags:
+                p.requires_grad_(flag)

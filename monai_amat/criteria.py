@@ -1,0 +1,277 @@
+"""Loss-defined "correct": the criteria AMAT checks on every attack iterate, and their calibration.
+
+A criterion is a callable ``criterion(pred, target) -> BoolTensor[B]``, True where a sample is still correct.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from monai_amat.utils import read_json, write_json
+
+__all__ = [
+    "hard_dice",
+    "DiceCriterion",
+    "LossThresholdCriterion",
+    "huber_location_scale",
+    "calibrate_thresholds",
+    "calibrate_dice_tau",
+    "save_thresholds",
+    "load_thresholds",
+]
+
+
+def _first(pred: Any) -> torch.Tensor:
+    """The full-resolution output of a network that may return several (deep supervision)."""
+    while isinstance(pred, (list, tuple)):
+        pred = pred[0]
+    return pred
+
+
+def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return F.one_hot(labels.long(), num_classes).movedim(-1, 1)
+
+
+def hard_dice(pred: Any, target: torch.Tensor, include_background: bool = False, smooth: float = 1.0) -> torch.Tensor:
+    """Smoothed hard Dice per sample and class, ``(2|P∩Y| + s) / (|P| + |Y| + s)``.
+
+    With ``smooth=1`` a class absent from both prediction and label scores 1 and any false positive lowers it,
+    as in the reference code.
+
+    Args:
+        pred: logits ``(B, C, spatial...)`` (argmax over C; one channel: sigmoid > 0.5), or deep-supervision
+            outputs (a list/tuple, or a tensor stacked on dim 1) whose first item is that.
+        target: labels ``(B, 1, spatial...)`` or one-hot ``(B, C, spatial...)``.
+        include_background: keep class 0.
+        smooth: the smoothing term.
+
+    Returns:
+        ``(B, C')`` Dice values, ``C'`` the classes kept.
+
+    Raises:
+        ValueError: when the spatial shapes of ``pred`` and ``target`` differ.
+    """
+    logits = _first(pred).detach()
+    if logits.dim() == target.dim() + 1:  # deep-supervision outputs stacked on dim 1 (DynUNet in train mode)
+        logits = logits[:, 0]
+    if logits.shape[2:] != target.shape[2:] or logits.shape[0] != target.shape[0]:
+        raise ValueError(f"prediction shape {tuple(logits.shape)} does not match target shape {tuple(target.shape)}.")
+    num_classes = max(logits.shape[1], 2)
+    labels = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+    p = _one_hot(labels, num_classes)
+    y = _one_hot(target[:, 0], num_classes) if target.shape[1] == 1 else (target > 0.5).long()
+    if not include_background:
+        p, y = p[:, 1:], y[:, 1:]
+    dims = tuple(range(2, p.dim()))
+    inter = (p * y).sum(dims).float()
+    return (2 * inter + smooth) / (p.sum(dims) + y.sum(dims) + smooth).float()
+
+
+class DiceCriterion:
+    """A sample is correct while its hard Dice is at least ``tau``.
+
+    Args:
+        tau: the Dice threshold (the mean Dice of a standard-trained model in the paper).
+        reduction: how to combine foreground classes, ``"max"`` (reference code) or ``"mean"``.
+        include_background: count class 0 as well.
+        smooth: Dice smoothing term (1 as in the reference code).
+
+    Raises:
+        ValueError: for ``tau`` outside ``[0, 1]`` or an unknown ``reduction``.
+    """
+
+    def __init__(self, tau: float, reduction: str = "max", include_background: bool = False, smooth: float = 1.0):
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"Dice threshold tau must be in [0, 1], got {tau!r}.")
+        if reduction not in ("max", "mean"):
+            raise ValueError(f"reduction must be 'max' or 'mean', got {reduction!r}.")
+        self.tau = float(tau)
+        self.reduction = reduction
+        self.include_background = include_background
+        self.smooth = smooth
+
+    def dice(self, pred: Any, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample Dice as the criterion sees it.
+
+        Args:
+            pred: network output.
+            target: labels.
+
+        Returns:
+            ``(B,)`` Dice values.
+        """
+        d = hard_dice(pred, target, self.include_background, self.smooth)
+        return d.amax(1) if self.reduction == "max" else d.mean(1)
+
+    def __call__(self, pred: Any, target: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool, True where Dice ``>= tau``."""
+        return self.dice(pred, target) >= self.tau
+
+
+class LossThresholdCriterion:
+    """A sample is correct while every loss component is at most its threshold.
+
+    Args:
+        components_fn: ``components_fn(pred, target) -> {name: Tensor[B]}``, the per-sample loss components.
+        thresholds: ``{name: threshold}``, one per component (``math.inf`` disables one).
+
+    Raises:
+        ValueError: for an empty or non-numeric threshold table.
+    """
+
+    def __init__(
+        self, components_fn: Callable[[Any, Any], Mapping[str, torch.Tensor]], thresholds: Mapping[str, float]
+    ):
+        if not thresholds:
+            raise ValueError("LossThresholdCriterion needs at least one threshold.")
+        bad = {k: v for k, v in thresholds.items() if not isinstance(v, (int, float)) or math.isnan(v)}
+        if bad:
+            raise ValueError(f"thresholds must be numbers, got {bad}.")
+        self.components_fn = components_fn
+        self.thresholds = {k: float(v) for k, v in thresholds.items()}
+
+    def __call__(self, pred: Any, target: Any) -> torch.Tensor:
+        """``(B,)`` bool, True where every component is at most its threshold.
+
+        Raises:
+            KeyError: when the loss does not return a component that has a threshold.
+        """
+        components = self.components_fn(pred, target)
+        missing = [k for k in self.thresholds if k not in components]
+        if missing:
+            raise KeyError(f"loss components {sorted(components)} lack {missing}, which have thresholds.")
+        ok = [components[k].detach() <= thr for k, thr in self.thresholds.items()]
+        return torch.stack(ok).all(0)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def huber_location_scale(
+    values: Sequence[float] | np.ndarray | torch.Tensor, c: float = 1.5, tol: float = 1e-8, max_iter: int = 30
+) -> tuple[float, float]:
+    """Joint Huber M-estimate of location and scale (Huber's proposal 2), as ``statsmodels.robust.scale.Huber``.
+
+    Starts from the median and the normalised MAD and iterates the clipped mean and the winsorised scale.
+
+    Args:
+        values: the sample (e.g. per-sample clean losses).
+        c: clipping constant in units of scale.
+        tol: relative convergence tolerance.
+        max_iter: iteration limit; on reaching it a warning is given and the last estimate returned.
+
+    Returns:
+        ``(location, scale)``; ``(median, 0)`` when the MAD is zero (most values equal).
+
+    Raises:
+        ValueError: when ``values`` is empty or not finite.
+    """
+    a = np.asarray(torch.as_tensor(values).detach().cpu().double().reshape(-1))
+    if a.size == 0 or not np.isfinite(a).all():
+        raise ValueError(f"Huber estimate needs a non-empty finite sample, got {a.size} values.")
+    mu = float(np.median(a))
+    scale = float(np.median(np.abs(a - mu)) / 0.6744897501960817)
+    if scale == 0.0:
+        return mu, 0.0
+    tmp = 2 * _normal_cdf(c) - 1
+    gamma = tmp + c**2 * (1 - tmp) - 2 * c * math.exp(-(c**2) / 2) / math.sqrt(2 * math.pi)
+    n = a.size - 1
+    for _ in range(max_iter):
+        new_mu = float(np.clip(a, mu - c * scale, mu + c * scale).mean())
+        inside = np.abs((a - mu) / scale) <= c
+        denom = n * gamma - (a.size - inside.sum()) * c**2
+        new_scale = math.sqrt(float(np.sum(inside * (a - new_mu) ** 2)) / denom) if denom > 0 else scale
+        if abs(scale - new_scale) <= new_scale * tol and abs(mu - new_mu) <= new_scale * tol:
+            return new_mu, new_scale
+        mu, scale = new_mu, new_scale
+    warnings.warn(f"Huber estimate did not converge in {max_iter} iterations; using the last estimate.", stacklevel=2)
+    return mu, scale
+
+
+def calibrate_thresholds(losses: Mapping[str, Sequence[float] | torch.Tensor], z: float = 2.0) -> dict[str, float]:
+    """Loss thresholds from a trained model's per-sample clean losses: Huber mean ``+ z ×`` Huber scale.
+
+    Args:
+        losses: ``{component: per-sample clean losses}`` over the training set.
+        z: how many robust scales above the robust mean.
+
+    Returns:
+        ``{component: threshold}``.
+    """
+    out = {}
+    for name, values in losses.items():
+        mu, scale = huber_location_scale(values)
+        out[name] = mu + z * scale
+    return out
+
+
+def calibrate_dice_tau(dice: torch.Tensor, has_foreground: torch.Tensor) -> float:
+    """Dice threshold ``tau``: the mean per-sample Dice over samples whose label has foreground.
+
+    Args:
+        dice: ``(N,)`` per-sample Dice of a trained model.
+        has_foreground: ``(N,)`` bool, the label holds foreground.
+
+    Returns:
+        The mean Dice over foreground samples.
+
+    Raises:
+        ValueError: when no sample has foreground.
+    """
+    dice = torch.as_tensor(dice).float().reshape(-1)
+    fg = torch.as_tensor(has_foreground).bool().reshape(-1)
+    if not fg.any():
+        raise ValueError("cannot calibrate the Dice threshold: no sample has foreground.")
+    return float(dice[fg].mean())
+
+
+def save_thresholds(
+    path: str | os.PathLike, criterion: str, thresholds: Mapping[str, float], z: float | None, model: str
+) -> None:
+    """Write ``thresholds.json`` (``{"criterion", "thresholds", "z", "model"}``) atomically.
+
+    Args:
+        path: the file to write.
+        criterion: the criterion's name, e.g. ``"dice"`` or ``"loss_threshold"``.
+        thresholds: ``{name: value}``.
+        z: the z used for calibration (None for Dice).
+        model: the model file the thresholds were calibrated on.
+    """
+    write_json(
+        path,
+        {
+            "criterion": criterion,
+            "thresholds": {k: float(v) for k, v in thresholds.items()},
+            "z": z,
+            "model": str(model),
+        },
+    )
+
+
+def load_thresholds(path: str | os.PathLike) -> dict:
+    """Read ``thresholds.json``.
+
+    Args:
+        path: the file to read.
+
+    Returns:
+        Its content.
+
+    Raises:
+        FileNotFoundError: when the file is missing.
+        ValueError: when a key is missing or a threshold is not a number.
+    """
+    data = read_json(path, required=("criterion", "thresholds"))
+    bad = {k: v for k, v in data["thresholds"].items() if not isinstance(v, (int, float))}
+    if bad:
+        raise ValueError(f"{path}: thresholds must be numbers, got {bad}.")
+    return data

@@ -1,0 +1,13 @@
+from monai_amat.engines.evaluator import RobustEvaluator, check_eps_list
+from monai_amat.engines.trainer import AMATTrainer, RobustTrainer, SATTrainer
+from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
+
+__all__ = [
+    "AMATTrainer",
+    "AdversarialEvents",
+    "AdversarialKeys",
+    "RobustEvaluator",
+    "RobustTrainer",
+    "SATTrainer",
+    "check_eps_list",
+]

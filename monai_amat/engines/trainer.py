@@ -1,0 +1,309 @@
+"""Adversarial trainers: one adversarial iteration shared by AMAT (per-sample margins) and SAT (one fixed eps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+from monai_amat.attacks import PGD, AttackResult, check_per_sample, to_float32
+from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
+
+if TYPE_CHECKING:
+    from monai_amat.handlers.margin_handler import MarginHandler
+
+__all__ = ["RobustTrainer", "AMATTrainer", "SATTrainer"]
+
+
+class RobustTrainer(SupervisedTrainer):
+    """A ``SupervisedTrainer`` whose iteration trains on clean and adversarial inputs.
+
+    Each iteration: a clean pass with the per-sample loss ``L``; a PGD attack with a per-sample budget chosen
+    by the subclass; an adversarial pass with loss ``L_adv``; the update with
+    ``(1 - beta) * mean(L) + beta * sum(L_adv over clean-correct samples) / B``, then optional gradient-norm
+    clipping. MONAI's ``IterationEvents`` fire at the same points as in ``SupervisedTrainer``
+    (``FORWARD_COMPLETED`` after both passes), and :py:class:`AdversarialEvents.ATTACK_COMPLETED` after the attack.
+    The iteration knows nothing about the task: targets may be tensors or lists of dicts, as long as
+    ``loss_function`` (and the criterion) take them.
+
+    Args:
+        device: device to train on.
+        max_epochs: total number of epochs.
+        train_data_loader: the training data; each batch dict carries an integer ``index_key`` per sample
+            (required by AMAT, optional for SAT).
+        network: the network to train.
+        optimizer: its optimizer.
+        loss_function: per-sample loss ``loss_function(pred, target) -> Tensor[B]``.
+        attack: the PGD attack; None builds ``PGD(loss_function)`` (L2, 20 steps, alpha 4, random start).
+        beta: weight of the adversarial term, in ``[0, 1]``.
+        criterion: ``criterion(pred, target) -> BoolTensor[B]``, checked on every attack iterate (and on clean
+            input when ``clean_criterion``); None finds nothing.
+        clean_criterion: apply the criterion to the clean prediction too; False (reference code) counts every
+            sample as clean-correct.
+        grad_clip_norm: clip the gradient norm to this value (the nnU-Net code uses 12); None does not clip.
+        bisection_steps: refine the first-wrong noise norm by bisection (see ``PGD.attack``).
+        index_key: the batch key holding sample indices.
+        kwargs: any other ``SupervisedTrainer`` argument (``inferer``, ``prepare_batch``, ``train_handlers``,
+            ``amp``, ``key_train_metric``, ``decollate``...). ``accumulation_steps`` other than 1 is not supported.
+
+    Raises:
+        ValueError: for ``beta`` outside ``[0, 1]``, ``grad_clip_norm <= 0`` or ``accumulation_steps != 1``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable[[Any, Any], torch.Tensor],
+        attack: PGD | None = None,
+        beta: float = 0.5,
+        criterion: Callable[[Any, Any], torch.Tensor] | None = None,
+        clean_criterion: bool = False,
+        grad_clip_norm: float | None = None,
+        bisection_steps: int = 0,
+        index_key: str = AdversarialKeys.INDEX,
+        **kwargs: Any,
+    ) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta!r}.")
+        if grad_clip_norm is not None and not grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm!r}.")
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError("accumulation_steps other than 1 is not supported by adversarial trainers.")
+        if clean_criterion and criterion is None:
+            raise ValueError("clean_criterion=True needs a criterion.")
+        event_names = list(kwargs.pop("event_names", None) or []) + [AdversarialEvents]
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            event_names=event_names,
+            **kwargs,
+        )
+        self.attack = PGD(loss_function) if attack is None else attack
+        self.beta = float(beta)
+        self.criterion = criterion
+        self.clean_criterion = clean_criterion
+        self.grad_clip_norm = grad_clip_norm
+        self.bisection_steps = int(bisection_steps)
+        self.index_key = index_key
+
+    def budget(self, engine: RobustTrainer, indices: torch.Tensor | None, batch_size: int) -> tuple[Any, Any]:
+        """Per-sample noise budget and random-start radius of this batch.
+
+        Args:
+            engine: this trainer.
+            indices: the batch's sample indices (None when the batch has none).
+            batch_size: number of samples.
+
+        Returns:
+            ``(eps, start_radius)``: floats or ``(B,)`` tensors; ``start_radius`` None means uniform in the ball.
+        """
+        raise NotImplementedError
+
+    def sample_indices(self, batchdata: Any, batch_size: int) -> torch.Tensor | None:
+        """The batch's sample indices, or None when the batch has none.
+
+        Args:
+            batchdata: the batch as the data loader gave it.
+            batch_size: number of samples.
+
+        Returns:
+            ``(B,)`` int64 tensor on the CPU, or None.
+
+        Raises:
+            ValueError: when the index count differs from the batch size.
+        """
+        if not isinstance(batchdata, dict) or self.index_key not in batchdata:
+            return None
+        indices = torch.as_tensor(batchdata[self.index_key]).detach().cpu().reshape(-1)
+        if indices.numel() != batch_size:
+            raise ValueError(f"batch key {self.index_key!r} holds {indices.numel()} indices for {batch_size} samples.")
+        return indices.long()
+
+    def _forward_fn(self, engine: RobustTrainer, args: tuple, kwargs: dict) -> Callable[[torch.Tensor], Any]:
+        autocast = engine.amp and engine.scaler is not None
+
+        def forward(x: torch.Tensor) -> Any:
+            with torch.autocast("cuda", **engine.amp_kwargs) if autocast else nullcontext():
+                return engine.inferer(x, engine.network, *args, **kwargs)
+
+        return forward
+
+    def _check_finite(self, engine: RobustTrainer, losses: dict[str, torch.Tensor], indices: Any) -> None:
+        bad = ~torch.stack([torch.isfinite(v) for v in losses.values()]).all(0)
+        if bad.any():
+            where = bad.nonzero().flatten()
+            who = (
+                f"sample indices {indices[where.cpu()].tolist()}"
+                if indices is not None
+                else f"batch positions {where.tolist()}"
+            )
+            values = {k: v.detach()[where].tolist() for k, v in losses.items()}
+            raise FloatingPointError(
+                f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} "
+                f"for {who}: {values}."
+            )
+
+    def _iteration(self, engine: RobustTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        """One adversarial training iteration; returns ``engine.state.output``.
+
+        Besides MONAI's ``IMAGE``, ``LABEL``, ``PRED`` (clean) and ``LOSS``, the output holds the
+        :py:class:`AdversarialKeys`: the adversarial image and prediction, the per-sample eps, found flags,
+        noise norms, clean-correct flags, clean and adversarial losses, and the sample indices.
+
+        Raises:
+            ValueError: when ``batchdata`` is None or a loss is not one value per sample.
+            FloatingPointError: when a loss is not finite (naming the sample indices).
+        """
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
+        size = inputs.shape[0]
+        indices = self.sample_indices(batchdata, size)
+        forward = self._forward_fn(engine, args, kwargs)
+        out = engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, AdversarialKeys.INDEX: indices}
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with torch.set_grad_enabled(self.beta < 1.0):
+            out[Keys.PRED] = forward(inputs)
+            clean = check_per_sample(engine.loss_function(to_float32(out[Keys.PRED]), targets), size, "loss_function")
+        if self.clean_criterion:
+            correct = self.criterion(to_float32(out[Keys.PRED]).detach(), targets).to(clean.device).bool()
+        else:
+            correct = torch.ones(size, dtype=torch.bool, device=clean.device)
+
+        eps, radius = self.budget(engine, indices, size)
+        result: AttackResult = self.attack.attack(
+            engine.network,
+            inputs,
+            targets,
+            eps,
+            criterion=self.criterion,
+            start_radius=radius,
+            forward_fn=forward,
+            bisection_steps=self.bisection_steps,
+        )
+        out.update(
+            {
+                AdversarialKeys.ADV_IMAGE: result.adv,
+                AdversarialKeys.EPS: torch.as_tensor(eps, dtype=torch.float32).expand(size).clone(),
+                AdversarialKeys.FOUND: result.found,
+                AdversarialKeys.NOISE_NORM: result.noise_norm,
+                AdversarialKeys.BOUNDARY_NORM: result.boundary_norm,
+                AdversarialKeys.CLEAN_CORRECT: correct,
+            }
+        )
+        engine.fire_event(AdversarialEvents.ATTACK_COMPLETED)
+
+        out[AdversarialKeys.ADV_PRED] = forward(result.adv)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        adv = check_per_sample(
+            engine.loss_function(to_float32(out[AdversarialKeys.ADV_PRED]), targets), size, "loss_function"
+        )
+        self._check_finite(engine, {"clean": clean, "adversarial": adv}, indices)
+        loss = (1.0 - self.beta) * clean.mean() + self.beta * (adv * correct).sum() / size
+        out.update(
+            {Keys.LOSS: loss, AdversarialKeys.CLEAN_LOSS: clean.detach(), AdversarialKeys.ADV_LOSS: adv.detach()}
+        )
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if self.grad_clip_norm is not None:
+                engine.scaler.unscale_(engine.optimizer)
+                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if self.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class AMATTrainer(RobustTrainer):
+    """Adaptive-margin adversarial training: each sample is attacked within its own margin.
+
+    The margins live in a :py:class:`monai_amat.handlers.MarginHandler`, which this trainer attaches first
+    (before ``train_handlers``, so statistics handlers see the updated margins) unless it is already attached.
+    The random start has radius ``clamp(margin - delta, min=delta)``.
+
+    Example::
+
+        margins = MarginHandler(num_samples=len(train_ds), delta=2.5, output_dir="runs/amat")
+        trainer = AMATTrainer(device, 50, loader, net, opt, PerSampleDiceCELoss(), margin_handler=margins,
+                              criterion=DiceCriterion(tau=0.8))
+
+    Args:
+        margin_handler: holds the per-sample margins.
+        args: positional arguments of :py:class:`RobustTrainer`.
+        kwargs: keyword arguments of :py:class:`RobustTrainer` (``beta`` defaults to 0.5).
+    """
+
+    def __init__(self, *args: Any, margin_handler: MarginHandler, **kwargs: Any) -> None:
+        handlers = [h for h in kwargs.pop("train_handlers", None) or [] if h is not margin_handler]
+        super().__init__(*args, train_handlers=[margin_handler, *handlers], **kwargs)
+        self.margin_handler = margin_handler
+
+    def budget(self, engine: RobustTrainer, indices: torch.Tensor | None, batch_size: int) -> tuple[Any, Any]:
+        """Margins of the batch's samples as eps, and AMAT's start radius.
+
+        Raises:
+            ValueError: when the batch has no sample indices.
+        """
+        if indices is None:
+            raise ValueError(
+                f"AMATTrainer needs an integer {self.index_key!r} key in every batch (0..N-1, stable across epochs) "
+                "to look up per-sample margins; add it to the datalist with "
+                "monai_amat.data.add_sample_index(datalist), or name the key with index_key=..."
+            )
+        margins = self.margin_handler.lookup(indices).to(engine.state.device)
+        return margins, self.margin_handler.start_radius(margins)
+
+
+class SATTrainer(RobustTrainer):
+    """Standard adversarial training: every sample is attacked with the same ``eps``.
+
+    Args:
+        eps: the one noise level, ``>= 0``.
+        adversarial_only: train on adversarial samples only (``beta = 1``, the segmentation reference code);
+            False mixes ``(1 - beta)`` clean and ``beta`` adversarial (landmark and detection code).
+        args: positional arguments of :py:class:`RobustTrainer`.
+        kwargs: keyword arguments of :py:class:`RobustTrainer`.
+
+    Raises:
+        ValueError: for a negative ``eps``, or ``adversarial_only`` with a ``beta`` other than 1.
+    """
+
+    def __init__(self, *args: Any, eps: float, adversarial_only: bool = False, **kwargs: Any) -> None:
+        if not eps >= 0:
+            raise ValueError(f"SAT eps must be >= 0, got {eps!r}.")
+        if adversarial_only:
+            if kwargs.get("beta", 1.0) != 1.0:
+                raise ValueError(f"adversarial_only=True means beta=1, got beta={kwargs['beta']!r}.")
+            kwargs["beta"] = 1.0
+        super().__init__(*args, **kwargs)
+        self.eps = float(eps)
+
+    def budget(self, engine: RobustTrainer, indices: torch.Tensor | None, batch_size: int) -> tuple[Any, Any]:
+        """The fixed eps; random start uniform in the ball."""
+        return self.eps, None

@@ -1,0 +1,215 @@
+"""Ignite handler that owns AMAT's per-sample margins."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
+from monai_amat.margins import MarginTable, start_radius
+from monai_amat.utils import atomic_write
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine, Events
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+
+__all__ = ["MarginHandler"]
+
+CSV_HEADER = "epoch,index,margin\n"
+
+
+def _dist_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class MarginHandler:
+    """Holds AMAT's per-sample margins, gathers each iteration's attack results and applies the rule per epoch.
+
+    Attach it to an :py:class:`monai_amat.engines.AMATTrainer` (the trainer does so itself) and put it in the
+    ``CheckpointSaver`` / ``CheckpointLoader`` dicts to save and resume the margins. At each epoch end it:
+
+    - sums the epoch's bookkeeping over all ranks (``torch.distributed`` all-reduce), so every rank holds the
+      same table;
+    - applies the margin rule (:py:class:`monai_amat.margins.MarginTable`);
+    - puts ``margin_mean``, ``margin_min``, ``margin_max``, ``margin_expanded`` and ``margin_refined`` (the
+      fractions of seen samples expanded / refined) into ``engine.state.metrics``, where ``StatsHandler`` and
+      ``TensorBoardStatsHandler`` print them;
+    - rank 0 writes ``margins.csv`` (``epoch,index,margin``, one row per sample per completed epoch) atomically,
+      and a margin histogram to TensorBoard when given a writer.
+
+    Args:
+        num_samples: number of training samples; batch ``"index"`` values are ``0..num_samples-1``.
+        delta: initial margin and margin step, ``> 0``.
+        max_margin: margin upper bound, ``>= delta``; ``math.inf`` (default) for none.
+        estimate: ``"final"`` (reference) or ``"first_wrong"``; see :py:class:`monai_amat.margins.MarginTable`.
+        reset_clean_wrong: reset clean-wrong samples to ``delta`` instead of keeping their margin.
+        output_dir: folder for ``margins.csv``; None writes no file.
+        filename: the CSV file name.
+        summary_writer: a TensorBoard ``SummaryWriter`` (anything with ``add_histogram``) for margin histograms.
+        tag_name: histogram tag.
+
+    Raises:
+        ValueError: for invalid ``num_samples``, ``delta``, ``max_margin`` or ``estimate``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        delta: float,
+        max_margin: float = math.inf,
+        estimate: str = "final",
+        reset_clean_wrong: bool = False,
+        output_dir: str | os.PathLike | None = None,
+        filename: str = "margins.csv",
+        summary_writer: Any = None,
+        tag_name: str = "margin",
+    ) -> None:
+        self.table = MarginTable(num_samples, delta, max_margin, estimate, reset_clean_wrong)
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.filename = filename
+        self.summary_writer = summary_writer
+        self.tag_name = tag_name
+        self._bookkeeping_epoch = 0  # the epoch whose bookkeeping the table holds (0: none)
+
+    @property
+    def margins(self) -> torch.Tensor:
+        """The ``(N,)`` margins."""
+        return self.table.margins
+
+    @property
+    def delta(self) -> float:
+        """The margin step."""
+        return self.table.delta
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Margins of the given samples.
+
+        Args:
+            indices: sample indices.
+
+        Returns:
+            ``(B,)`` margins on the CPU.
+
+        Raises:
+            ValueError: for an index outside the table.
+        """
+        return self.table.lookup(indices)
+
+    def start_radius(self, margins: torch.Tensor) -> torch.Tensor:
+        """AMAT's random-start radius for these margins, ``clamp(margin - delta, min=delta)``."""
+        return start_radius(margins, self.table.delta)
+
+    def attach(self, engine: Engine) -> None:
+        """Register the handler's events on ``engine`` (once).
+
+        Args:
+            engine: an adversarial trainer that fires ``AdversarialEvents.ATTACK_COMPLETED``.
+        """
+        if engine.has_event_handler(self.epoch_completed, Events.EPOCH_COMPLETED):
+            return
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(AdversarialEvents.ATTACK_COMPLETED, self.attack_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def epoch_started(self, engine: Engine) -> None:
+        """Start the epoch's bookkeeping, unless it is already live (a run resumed mid-epoch)."""
+        if self._bookkeeping_epoch != engine.state.epoch:
+            self.table.begin_epoch()
+            self._bookkeeping_epoch = engine.state.epoch
+
+    def attack_completed(self, engine: Engine) -> None:
+        """Record the batch's attack results from ``engine.state.output``.
+
+        Raises:
+            ValueError: when the output has no sample indices.
+        """
+        out = engine.state.output
+        if out.get(AdversarialKeys.INDEX) is None:
+            raise ValueError("MarginHandler needs sample indices in the batch ('index' key; see AMATTrainer).")
+        self.table.record(
+            out[AdversarialKeys.INDEX],
+            out[AdversarialKeys.CLEAN_CORRECT],
+            out[AdversarialKeys.FOUND],
+            out[AdversarialKeys.NOISE_NORM],
+            out[AdversarialKeys.BOUNDARY_NORM],
+        )
+
+    def epoch_completed(self, engine: Engine) -> None:
+        """Gather the bookkeeping over ranks, update the margins, report them and write ``margins.csv``."""
+        self._all_reduce()
+        stats = self.table.end_epoch()
+        self._bookkeeping_epoch = 0
+        engine.state.metrics.update(stats)
+        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        if not rank0:
+            return
+        if self.summary_writer is not None:
+            self.summary_writer.add_histogram(self.tag_name, self.table.margins, engine.state.epoch)
+        if self.output_dir is not None:
+            self.write_csv(self.output_dir / self.filename, engine.state.epoch)
+
+    def write_csv(self, path: str | os.PathLike, epoch: int) -> None:
+        """Append this epoch's margins to ``path``, atomically.
+
+        Rows of epoch ``>= epoch`` already in the file (from a run killed after writing them, then resumed) are
+        dropped first, so every epoch appears once.
+
+        Args:
+            path: the CSV file.
+            epoch: the completed epoch (1-based).
+        """
+        path = Path(path)
+        kept: list[str] = []
+        if path.is_file():
+            with open(path) as f:
+                kept = [line for line in f if line[:1].isdigit() and int(line.split(",", 1)[0]) < epoch]
+        with atomic_write(path) as f:
+            f.write(CSV_HEADER)
+            f.writelines(kept)
+            f.writelines(f"{epoch},{i},{m:.8g}\n" for i, m in enumerate(self.table.margins.tolist()))
+
+    def _all_reduce(self) -> None:
+        """Combine the ranks' bookkeeping: flags with "any", estimates averaged over the ranks that saw a sample."""
+        if _dist_world() == 1:
+            return
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
+        t = self.table
+        seen = t.seen.double()
+        packed = torch.stack(
+            [seen, t.estimate.double() * seen, (t.found & t.seen).double(), (t.clean_wrong & t.seen).double()]
+        )
+        packed = packed.to(device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        count = packed[0]
+        t.seen = count > 0
+        t.estimate = torch.where(t.seen, packed[1] / count.clamp(min=1), t.estimate.double()).float()
+        t.found = packed[2] > 0
+        t.clean_wrong = packed[3] > 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Margins and the live epoch bookkeeping, as tensors (loads with ``weights_only=True``)."""
+        return {**self.table.state_dict(), "bookkeeping_epoch": torch.tensor(self._bookkeeping_epoch)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :py:meth:`state_dict` saved.
+
+        Args:
+            state_dict: the saved state.
+
+        Raises:
+            KeyError: when a tensor is missing.
+            ValueError: when the checkpoint was made for another number of samples.
+        """
+        self.table.load_state_dict(state_dict)
+        self._bookkeeping_epoch = int(state_dict.get("bookkeeping_epoch", 0))

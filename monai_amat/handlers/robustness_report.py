@@ -1,0 +1,138 @@
+"""Ignite handler that writes a robust evaluation's ``robustness.json`` and ``robustness.png``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch.distributed as dist
+
+from monai_amat.engines.utils import AdversarialEvents
+from monai_amat.utils import atomic_write, write_json
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+__all__ = ["RobustnessReport", "area_under_curve", "plot_robustness"]
+
+
+def area_under_curve(eps: Sequence[float], values: Sequence[float]) -> float:
+    """Area under a metric-vs-eps curve (trapezoidal rule).
+
+    Args:
+        eps: ascending noise levels.
+        values: the metric at each level.
+
+    Returns:
+        The area; 0 for a single level.
+    """
+    x, y = np.asarray(eps, dtype=float), np.asarray(values, dtype=float)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+
+def plot_robustness(
+    path: str | os.PathLike, eps: Sequence[float], curves: Mapping[str, Mapping[str, Sequence[float]]], title: str = ""
+) -> None:
+    """Plot metric-vs-eps curves, one panel per metric, one line per model; written atomically as PNG.
+
+    Args:
+        path: the PNG file.
+        eps: noise levels.
+        curves: ``{model: {metric: [value per eps]}}``.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(m for c in curves.values() for m in c))
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for model, c in curves.items():
+            if metric in c:
+                ax.plot(eps, c[metric], marker="o", label=model)
+        ax.set_xlabel("eps")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+class RobustnessReport:
+    """Writes ``robustness.json`` and ``robustness.png`` when a ``RobustEvaluator`` has evaluated every eps.
+
+    The JSON is ``{"task", "attack": {...}, "eps": [...], "metrics": {name: [value per eps]}, "auc": {name: area
+    under the metric-vs-eps curve}}``; only rank 0 writes, atomically.
+
+    Args:
+        output_dir: the folder for both files.
+        task: the task name stored in the JSON (e.g. ``"segmentation"``).
+        metric_names: the metrics to report; None reports all.
+        filename: the file stem.
+        model_name: the curve's label in the plot.
+
+    Raises:
+        KeyError: at write time, when a requested metric was not computed.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        task: str,
+        metric_names: Sequence[str] | None = None,
+        filename: str = "robustness",
+        model_name: str = "model",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.task = task
+        self.metric_names = None if metric_names is None else list(metric_names)
+        self.filename = filename
+        self.model_name = model_name
+        self.report: dict[str, Any] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Write the report when ``engine`` fires ``ROBUSTNESS_COMPLETED``.
+
+        Args:
+            engine: a :py:class:`monai_amat.engines.RobustEvaluator`.
+        """
+        if not engine.has_event_handler(self, AdversarialEvents.ROBUSTNESS_COMPLETED):
+            engine.add_event_handler(AdversarialEvents.ROBUSTNESS_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Build the report from ``engine.state.robustness`` and write it (rank 0)."""
+        result = engine.state.robustness
+        names = list(result["metrics"]) if self.metric_names is None else self.metric_names
+        missing = [n for n in names if n not in result["metrics"]]
+        if missing:
+            raise KeyError(f"metrics {missing} were not computed; the evaluator has {sorted(result['metrics'])}.")
+        metrics = {n: result["metrics"][n] for n in names}
+        attack = engine.attack
+        self.report = {
+            "task": self.task,
+            "attack": {
+                "name": type(attack).__name__,
+                "norm": attack.norm,
+                "steps": attack.steps,
+                "alpha": attack.alpha,
+                "random_start": attack.random_start,
+                "value_range": attack.value_range,
+            },
+            "eps": result["eps"],
+            "metrics": metrics,
+            "auc": {n: area_under_curve(result["eps"], v) for n, v in metrics.items()},
+        }
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        write_json(self.output_dir / f"{self.filename}.json", self.report)
+        plot_robustness(
+            self.output_dir / f"{self.filename}.png", result["eps"], {self.model_name: metrics}, title=self.task
+        )

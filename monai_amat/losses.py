@@ -1,0 +1,98 @@
+"""Per-sample task losses: one value per batch item, as the attack and the AMAT loss need."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+__all__ = ["PerSampleLoss", "PerSampleDiceCELoss"]
+
+
+class PerSampleLoss(nn.Module):
+    """Reduce an unreduced loss to one value per sample (mean over all but the batch dimension).
+
+    Args:
+        loss: a loss built with ``reduction="none"`` (any output shape ``(B, ...)``).
+    """
+
+    def __init__(self, loss: Callable[[Any, Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, pred: Any, target: Any) -> torch.Tensor:
+        """``(B,)`` per-sample loss."""
+        out = self.loss(pred, target)
+        return out.flatten(1).mean(1) if out.dim() > 1 else out
+
+
+class PerSampleDiceCELoss(nn.Module):
+    """Dice + cross-entropy, one value per sample, with optional deep supervision.
+
+    MONAI's ``DiceCELoss`` only reduces over the batch ("mean"/"sum"); AMAT needs each sample's loss, so this
+    combines MONAI's ``DiceLoss(reduction="none")`` with a per-voxel cross-entropy averaged per sample.
+
+    Args:
+        include_background: include class 0 in the Dice term.
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+        smooth_nr: Dice numerator smoothing.
+        smooth_dr: Dice denominator smoothing.
+        deep_supervision_weights: for networks that return several outputs in train mode (a list/tuple, or a
+            tensor stacked on dim 1 as ``DynUNet`` does), the weight of each output; None weights them
+            ``1/2**k`` normalised (nnU-Net). A plain tensor prediction uses no weights.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        deep_supervision_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dice = DiceLoss(
+            include_background=include_background,
+            to_onehot_y=True,
+            softmax=True,
+            reduction="none",
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+        )
+        self.lambda_dice = lambda_dice
+        self.lambda_ce = lambda_ce
+        self.deep_supervision_weights = deep_supervision_weights
+
+    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of one output ``(B, C, spatial...)`` against labels ``(B, 1, spatial...)``.
+
+        Returns:
+            ``(B,)`` per-sample loss. Labels are resized (nearest) to a lower-resolution output.
+        """
+        if target.shape[2:] != logits.shape[2:]:
+            target = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest")
+        dice = self.dice(logits, target).flatten(1).mean(1)
+        ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none").flatten(1).mean(1)
+        return self.lambda_dice * dice + self.lambda_ce * ce
+
+    def forward(self, pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` per-sample loss.
+
+        Args:
+            pred: logits ``(B, C, spatial...)``; several outputs as a list/tuple, or stacked ``(B, S, C, ...)``
+                when ``target`` has one dimension less.
+            target: labels ``(B, 1, spatial...)``.
+        """
+        if isinstance(pred, torch.Tensor) and pred.dim() == target.dim() + 1:
+            pred = torch.unbind(pred, dim=1)
+        if isinstance(pred, torch.Tensor):
+            return self.single(pred, target)
+        weights = self.deep_supervision_weights or [0.5**k for k in range(len(pred))]
+        total = sum(weights[: len(pred)])
+        return sum(w * self.single(p, target) for w, p in zip(weights, pred)) / total

@@ -1,0 +1,82 @@
+"""Small helpers shared by handlers and tools: atomic file writes and JSON files with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "write_json", "read_json"]
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` and rename it to ``path`` once the block succeeds.
+
+    A reader (or a run killed at any moment) sees either the old file or the new one, never half of it.
+
+    Args:
+        path: the file to write.
+        mode: ``"w"`` for text, ``"wb"`` for bytes.
+
+    Yields:
+        The open temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically.
+
+    Args:
+        path: the JSON file.
+        data: anything ``json.dump`` takes.
+    """
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict:
+    """Read a JSON object, with errors that name the file.
+
+    Args:
+        path: the JSON file.
+        required: keys the object must have.
+
+    Returns:
+        The parsed object.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when it is not a JSON object or lacks a required key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}.")
+    return data
