@@ -1,0 +1,106 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from monai_amat.criteria import (
+    DiceCriterion,
+    LossThresholdCriterion,
+    calibrate_dice_tau,
+    calibrate_thresholds,
+    hard_dice,
+    huber_location_scale,
+    load_thresholds,
+    save_thresholds,
+)
+
+
+def _logits(labels, classes):
+    return torch.nn.functional.one_hot(labels, classes).movedim(-1, 1).float() * 10
+
+
+def test_hard_dice_by_hand():
+    y = torch.zeros(3, 1, 4, 4, dtype=torch.long)
+    y[:, 0, :2, :2] = 1  # 4 foreground pixels
+    p = torch.zeros(3, 4, 4, dtype=torch.long)
+    p[0, :2, :2] = 1  # perfect
+    p[1, :2, :1] = 1  # 2 of 4, no false positive: (2*2+1)/(2+4+1)
+    p[2, 3, 3] = 1  # one false positive only: (0+1)/(1+4+1)
+    d = hard_dice(_logits(p, 2), y)
+    assert d.shape == (3, 1)
+    assert torch.allclose(d[:, 0], torch.tensor([1.0, 5 / 7, 1 / 6]))
+    # empty label and empty prediction score 1 (smoothed), a false positive lowers it
+    empty = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    pe = torch.zeros(2, 4, 4, dtype=torch.long)
+    pe[1, 0, 0] = 1
+    assert torch.allclose(hard_dice(_logits(pe, 2), empty)[:, 0], torch.tensor([1.0, 0.5]))
+
+
+def test_dice_criterion_max_over_foreground_and_deep_supervision():
+    y = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    y[0, 0, :2, :2] = 1
+    y[0, 0, 2:, 2:] = 2
+    p = y[:, 0].clone()
+    p[0, 2:, 2:] = 0  # class 2 missed entirely, class 1 perfect
+    logits = _logits(p, 3)
+    assert DiceCriterion(tau=0.9)(logits, y).tolist() == [True]
+    assert DiceCriterion(tau=0.9, reduction="mean")(logits, y).tolist() == [False]
+    stacked = torch.stack([logits, torch.zeros_like(logits)], dim=1)  # DynUNet's (B, S, C, H, W)
+    assert DiceCriterion(tau=0.9)(stacked, y).tolist() == [True]
+    assert DiceCriterion(tau=0.9)([logits, logits[..., ::2, ::2]], y).tolist() == [True]
+    with pytest.raises(ValueError, match="tau"):
+        DiceCriterion(tau=1.5)
+
+
+def test_loss_threshold_criterion():
+    def components(pred, target):
+        return {"box": pred[:, 0], "cls": pred[:, 1]}
+
+    crit = LossThresholdCriterion(components, {"box": 1.0, "cls": 0.5})
+    pred = torch.tensor([[0.5, 0.1], [1.5, 0.1], [0.5, 0.6], [1.0, 0.5]])
+    assert crit(pred, None).tolist() == [True, False, False, True]
+    with pytest.raises(KeyError, match="obj"):
+        LossThresholdCriterion(components, {"box": 1.0, "obj": 1.0})(pred, None)
+
+
+def test_huber_matches_statsmodels():
+    from statsmodels.robust.scale import Huber
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(2.0, 0.5, 200), rng.normal(30, 1, 10)])  # 5% outliers
+    mu, s = huber_location_scale(values)
+    ref_mu, ref_s = Huber()(values)
+    assert mu == pytest.approx(float(ref_mu), rel=1e-6) and s == pytest.approx(float(ref_s), rel=1e-6)
+    assert abs(mu - 2.0) < 0.2 < abs(values.mean() - 2.0)  # robust to the outliers
+    assert huber_location_scale([1.0, 1.0, 1.0, 5.0]) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="finite"):
+        huber_location_scale([1.0, math.nan])
+
+
+def test_calibration_and_thresholds_file(tmp_path):
+    rng = np.random.default_rng(1)
+    losses = {"heatmap": torch.tensor(rng.normal(0.3, 0.05, 100)), "offset": torch.tensor(rng.normal(2.0, 0.5, 100))}
+    thr = calibrate_thresholds(losses, z=2.0)
+    for k, v in losses.items():
+        mu, s = huber_location_scale(v)
+        assert thr[k] == pytest.approx(mu + 2 * s)
+        assert float(v.mean()) < thr[k] < float(v.max()) + 1
+    assert calibrate_dice_tau(torch.tensor([0.9, 0.8, 1.0, 0.2]), torch.tensor([True, True, False, False])) == (
+        pytest.approx(0.85)
+    )
+    with pytest.raises(ValueError, match="no sample has foreground"):
+        calibrate_dice_tau(torch.tensor([1.0]), torch.tensor([False]))
+    path = tmp_path / "thresholds.json"
+    save_thresholds(path, "loss_threshold", thr, 2.0, "model.pt")
+    data = load_thresholds(path)
+    assert data["thresholds"] == pytest.approx(thr) and data["z"] == 2.0 and data["model"] == "model.pt"
+    assert [p.name for p in tmp_path.iterdir()] == ["thresholds.json"]  # no temporary file left behind
+    (tmp_path / "bad.json").write_text('{"criterion": "dice"}')
+    with pytest.raises(ValueError, match=r"bad.json: missing key\(s\) \['thresholds'\]"):
+        load_thresholds(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        load_thresholds(tmp_path / "broken.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_thresholds(tmp_path / "missing.json")
