@@ -329,15 +329,17 @@ class PGD:
         boundary: torch.Tensor,
         brackets: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
-        """Record, in place, the first iterate that made each sample wrong (and the last one before it)."""
+        """Record, in place, the first iterate that made each sample wrong (and the last one before it).
+
+        Written with ``torch.where`` rather than boolean indexing, so no step waits for the device.
+        """
         correct = correct.to(device=found.device, dtype=torch.bool).view(-1)
         new = ~correct & ~found
-        boundary[new] = per_sample_norm(noise[new], self.norm).to(boundary.dtype)
+        boundary.copy_(torch.where(new, per_sample_norm(noise, self.norm).to(boundary.dtype), boundary))
         if brackets is not None:
             last_correct, first_wrong = brackets
-            still = correct & ~found
-            last_correct[still] = noise[still]
-            first_wrong[new] = noise[new]
+            last_correct.copy_(torch.where(_view(correct & ~found, noise), noise, last_correct))
+            first_wrong.copy_(torch.where(_view(new, noise), noise, first_wrong))
         found |= new
 
     def _bisect(

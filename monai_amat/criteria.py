@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from monai_amat.utils import read_json, write_json
 
@@ -34,10 +33,6 @@ def _first(pred: Any) -> torch.Tensor:
     while isinstance(pred, (list, tuple)):
         pred = pred[0]
     return pred
-
-
-def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return F.one_hot(labels.long(), num_classes).movedim(-1, 1)
 
 
 def hard_dice(pred: Any, target: torch.Tensor, include_background: bool = False, smooth: float = 1.0) -> torch.Tensor:
@@ -66,13 +61,14 @@ def hard_dice(pred: Any, target: torch.Tensor, include_background: bool = False,
         raise ValueError(f"prediction shape {tuple(logits.shape)} does not match target shape {tuple(target.shape)}.")
     num_classes = max(logits.shape[1], 2)
     labels = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-    p = _one_hot(labels, num_classes)
-    y = _one_hot(target[:, 0], num_classes) if target.shape[1] == 1 else (target > 0.5).long()
-    if not include_background:
-        p, y = p[:, 1:], y[:, 1:]
-    dims = tuple(range(2, p.dim()))
-    inter = (p * y).sum(dims).float()
-    return (2 * inter + smooth) / (p.sum(dims) + y.sum(dims) + smooth).float()
+    truth = target[:, 0].long() if target.shape[1] == 1 else target.argmax(1)
+    dice = []
+    # boolean masks per class: cheaper than one-hot tensors, and this runs on every attack iterate
+    for c in range(0 if include_background else 1, num_classes):
+        p, y = (labels == c).flatten(1), (truth == c).flatten(1)
+        inter = (p & y).sum(1).float()
+        dice.append((2 * inter + smooth) / (p.sum(1) + y.sum(1) + smooth).float())
+    return torch.stack(dice, dim=1)
 
 
 class DiceCriterion:

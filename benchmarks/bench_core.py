@@ -1,0 +1,193 @@
+"""Side-by-side timings of the core engine, printed as ratios measured in one run.
+
+(a) our PGD vs torchattacks' PGD / PGDL2 on a classifier, configured alike;
+(b) PGD-K on a small 2D DynUNet vs K x (one forward + input-gradient pass);
+(c) one AMAT iteration vs one SAT iteration (same attack steps): time, and peak memory
+    (CUDA: max allocated; CPU: peak RSS growth of a fresh subprocess per trainer).
+
+Usage: python benchmarks/bench_core.py [--device cuda] [--repeats 5] [--steps 10] [--size 96] [--batch 4] [--amp]
+torchattacks is optional (pip install --no-deps torchattacks); without it (a) is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+from monai.networks.nets import DynUNet
+
+from monai_amat.attacks import PGD
+from monai_amat.criteria import DiceCriterion
+from monai_amat.engines import AMATTrainer, SATTrainer
+from monai_amat.handlers import MarginHandler
+from monai_amat.losses import PerSampleDiceCELoss
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def dynunet():
+    return DynUNet(2, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
+                   filters=[16, 32, 64, 128], norm_name="instance")
+
+
+def seg_batch(args, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 1, args.size, args.size, generator=g)
+    y = (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.7).float()
+    return x.to(device), y.to(device)
+
+
+def bench_torchattacks(args, device):
+    try:
+        import torchattacks
+    except ImportError:
+        return None
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(1024, 10))
+    net = net.to(device).eval()
+    x = torch.rand(64, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+
+    def ce(p, t):
+        return torch.nn.functional.cross_entropy(p, t, reduction="none")
+
+    res = {}
+    for norm, eps, step, cls in (("linf", 8 / 255, 2 / 255, torchattacks.PGD), ("l2", 0.5, 0.1, torchattacks.PGDL2)):
+        ours = PGD(ce, norm=norm, steps=args.steps, alpha=step * args.steps / eps, random_start=False, value_range=(0, 1))
+        ref = cls(net, eps=eps, alpha=step, steps=args.steps, random_start=False)
+        t_ours = timed(lambda ours=ours: ours(net, x, y, eps), device, args.repeats)
+        t_ref = timed(lambda ref=ref: ref(x, y), device, args.repeats)
+        diff = (ours(net, x, y, eps) - ref(x, y)).abs().max().item()
+        res[norm] = {"ours_s": t_ours, "torchattacks_s": t_ref, "ratio": t_ours / t_ref, "max_abs_diff": diff}
+    return res
+
+
+def bench_pgd_cost(args, device):
+    net = dynunet().to(device).eval()
+    loss = PerSampleDiceCELoss()
+    x, y = seg_batch(args, device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+    def one_pass():
+        xi = x.clone().requires_grad_(True)
+        torch.autograd.grad(loss(net(xi), y).sum(), xi)
+
+    t_one = timed(one_pass, device, args.repeats)
+    attack = PGD(loss, steps=args.steps)
+    t_pgd = timed(lambda: attack(net, x, y, 1.0), device, args.repeats)
+    crit = DiceCriterion(0.5)
+    t_crit = timed(lambda: attack.attack(net, x, y, 1.0, criterion=crit), device, args.repeats)
+    return {"one_pass_s": t_one, "pgd_s": t_pgd, "pgd_with_criterion_s": t_crit,
+            "ratio": t_pgd / (args.steps * t_one), "ratio_with_criterion": t_crit / (args.steps * t_one)}
+
+
+def trainer(kind, args, device):
+    net = dynunet().to(device)
+    loss = PerSampleDiceCELoss()
+    x, y = seg_batch(args, device)
+    batch = {"image": x, "label": y, "index": torch.arange(args.batch)}
+    common = dict(device=device, max_epochs=1, train_data_loader=[batch], network=net,
+                  optimizer=torch.optim.SGD(net.parameters(), 1e-3), loss_function=loss,
+                  attack=PGD(loss, steps=args.steps), amp=args.amp, decollate=False)
+    if kind == "amat":
+        t = AMATTrainer(**common, margin_handler=MarginHandler(args.batch, delta=1.0), criterion=DiceCriterion(0.5))
+    elif kind == "sat_mixed":
+        t = SATTrainer(**common, eps=1.0, beta=0.5)
+    else:
+        t = SATTrainer(**common, eps=1.0, adversarial_only=True)
+    t.state.epoch, t.state.iteration = 1, 1
+    return lambda: t._iteration(t, batch)
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child_peak_rss(kind, args):
+    """Peak RSS growth during one iteration, sampled by a thread, in a fresh process (the CPU has no allocator
+    counter like CUDA's max_memory_allocated)."""
+    step = trainer(kind, args, torch.device("cpu"))
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.0005)
+
+    base = rss_bytes()
+    thread = threading.Thread(target=sample)
+    thread.start()
+    step()
+    stop.set()
+    thread.join()
+    return (max(peak[0], rss_bytes()) - base) / 2**20
+
+
+def bench_amat_vs_sat(args, device):
+    res = {}
+    for kind in ("amat", "sat_mixed", "sat_adv_only"):
+        step = trainer(kind, args, device)
+        res[kind] = {"iteration_s": timed(step, device, args.repeats)}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            res[kind]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            cmd = [sys.executable, __file__, "--child", kind] + [a for a in sys.argv[1:] if a != "--child"]
+            res[kind]["peak_mb"] = float(subprocess.check_output(cmd, text=True).strip().splitlines()[-1])
+    for kind in ("sat_mixed", "sat_adv_only"):
+        res[f"amat/{kind}"] = {k: res["amat"][k] / res[kind][k] for k in ("iteration_s", "peak_mb") if res[kind][k] > 0}
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.child:
+        print(child_peak_rss(args.child, args))
+        return
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch}x1x{args.size}x{args.size}, PGD steps {args.steps}, amp {args.amp}")
+    results = {"a_pgd_vs_torchattacks": bench_torchattacks(args, device),
+               "b_pgd_vs_k_passes": bench_pgd_cost(args, device),
+               "c_amat_vs_sat": bench_amat_vs_sat(args, device)}
+    print(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
