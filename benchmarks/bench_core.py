@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -49,8 +49,16 @@ def timed(fn, device, repeats):
 
 
 def dynunet():
-    return DynUNet(2, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
-                   filters=[16, 32, 64, 128], norm_name="instance")
+    return DynUNet(
+        2,
+        1,
+        2,
+        kernel_size=[3, 3, 3, 3],
+        strides=[1, 2, 2, 2],
+        upsample_kernel_size=[2, 2, 2],
+        filters=[16, 32, 64, 128],
+        norm_name="instance",
+    )
 
 
 def seg_batch(args, device):
@@ -65,8 +73,15 @@ def bench_torchattacks(args, device):
         import torchattacks
     except ImportError:
         return None
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1),
-                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(1024, 10))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(1024, 10),
+    )
     net = net.to(device).eval()
     x = torch.rand(64, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (64,), device=device)
@@ -76,9 +91,11 @@ def bench_torchattacks(args, device):
 
     res = {}
     for norm, eps, step, cls in (("linf", 8 / 255, 2 / 255, torchattacks.PGD), ("l2", 0.5, 0.1, torchattacks.PGDL2)):
-        ours = PGD(ce, norm=norm, steps=args.steps, alpha=step * args.steps / eps, random_start=False, value_range=(0, 1))
+        ours = PGD(
+            ce, norm=norm, steps=args.steps, alpha=step * args.steps / eps, random_start=False, value_range=(0, 1)
+        )
         ref = cls(net, eps=eps, alpha=step, steps=args.steps, random_start=False)
-        t_ours = timed(lambda ours=ours: ours(net, x, y, eps), device, args.repeats)
+        t_ours = timed(lambda ours=ours, eps=eps: ours(net, x, y, eps), device, args.repeats)
         t_ref = timed(lambda ref=ref: ref(x, y), device, args.repeats)
         diff = (ours(net, x, y, eps) - ref(x, y)).abs().max().item()
         res[norm] = {"ours_s": t_ours, "torchattacks_s": t_ref, "ratio": t_ours / t_ref, "max_abs_diff": diff}
@@ -101,8 +118,13 @@ def bench_pgd_cost(args, device):
     t_pgd = timed(lambda: attack(net, x, y, 1.0), device, args.repeats)
     crit = DiceCriterion(0.5)
     t_crit = timed(lambda: attack.attack(net, x, y, 1.0, criterion=crit), device, args.repeats)
-    return {"one_pass_s": t_one, "pgd_s": t_pgd, "pgd_with_criterion_s": t_crit,
-            "ratio": t_pgd / (args.steps * t_one), "ratio_with_criterion": t_crit / (args.steps * t_one)}
+    return {
+        "one_pass_s": t_one,
+        "pgd_s": t_pgd,
+        "pgd_with_criterion_s": t_crit,
+        "ratio": t_pgd / (args.steps * t_one),
+        "ratio_with_criterion": t_crit / (args.steps * t_one),
+    }
 
 
 def trainer(kind, args, device):
@@ -110,9 +132,17 @@ def trainer(kind, args, device):
     loss = PerSampleDiceCELoss()
     x, y = seg_batch(args, device)
     batch = {"image": x, "label": y, "index": torch.arange(args.batch)}
-    common = dict(device=device, max_epochs=1, train_data_loader=[batch], network=net,
-                  optimizer=torch.optim.SGD(net.parameters(), 1e-3), loss_function=loss,
-                  attack=PGD(loss, steps=args.steps), amp=args.amp, decollate=False)
+    common = dict(
+        device=device,
+        max_epochs=1,
+        train_data_loader=[batch],
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), 1e-3),
+        loss_function=loss,
+        attack=PGD(loss, steps=args.steps),
+        amp=args.amp,
+        decollate=False,
+    )
     if kind == "amat":
         t = AMATTrainer(**common, margin_handler=MarginHandler(args.batch, delta=1.0), criterion=DiceCriterion(0.5))
     elif kind == "sat_mixed":
@@ -181,11 +211,15 @@ def main():
         return
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}x1x{args.size}x{args.size}, PGD steps {args.steps}, amp {args.amp}")
-    results = {"a_pgd_vs_torchattacks": bench_torchattacks(args, device),
-               "b_pgd_vs_k_passes": bench_pgd_cost(args, device),
-               "c_amat_vs_sat": bench_amat_vs_sat(args, device)}
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}x1x{args.size}x{args.size}, PGD steps {args.steps}, amp {args.amp}"
+    )
+    results = {
+        "a_pgd_vs_torchattacks": bench_torchattacks(args, device),
+        "b_pgd_vs_k_passes": bench_pgd_cost(args, device),
+        "c_amat_vs_sat": bench_amat_vs_sat(args, device),
+    }
     print(json.dumps(results, indent=2, default=float))
 
 

@@ -101,7 +101,9 @@ def _evaluate(net: UNet, test: list[dict], eps: list[float], args: argparse.Name
         PGD(PerSampleDiceCELoss(), steps=args.eval_steps, alpha=25.0, random_start=False),
         eps,
         postprocessing=post,
-        key_val_metric={"mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+        key_val_metric={
+            "mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))
+        },
         val_handlers=[report],
     )
     evaluator.run()

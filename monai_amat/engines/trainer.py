@@ -183,7 +183,8 @@ class RobustTrainer(SupervisedTrainer):
             out[Keys.PRED] = forward(inputs)
             clean = check_per_sample(engine.loss_function(to_float32(out[Keys.PRED]), targets), size, "loss_function")
         if self.clean_criterion:
-            correct = self.criterion(to_float32(out[Keys.PRED]).detach(), targets).to(clean.device).bool()
+            with torch.no_grad():
+                correct = self.criterion(to_float32(out[Keys.PRED]), targets).to(clean.device).bool()
         else:
             correct = torch.ones(size, dtype=torch.bool, device=clean.device)
 

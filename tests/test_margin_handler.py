@@ -1,0 +1,104 @@
+import csv
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ignite.engine import Engine, Events
+
+from monai_amat.engines import AdversarialEvents
+from monai_amat.handlers import MarginHandler
+
+
+class FakeWriter:
+    def __init__(self):
+        self.calls = []
+
+    def add_histogram(self, tag, values, step):
+        self.calls.append((tag, values.clone(), step))
+
+
+def _engine(handler, batches):
+    """A bare Ignite engine that replays attack results through the handler's events."""
+
+    def step(engine, batch):
+        engine.state.output = batch
+        engine.fire_event(AdversarialEvents.ATTACK_COMPLETED)
+        return batch
+
+    engine = Engine(step)
+    engine.register_events(*AdversarialEvents)
+    handler.attach(engine)
+    handler.attach(engine)  # attaching twice registers once
+    return engine
+
+
+def _batch(index, found, norm):
+    n = len(index)
+    return {
+        "index": torch.tensor(index),
+        "found": torch.tensor(found),
+        "noise_norm": torch.tensor(norm),
+        "boundary_norm": torch.tensor(norm),
+        "clean_correct": torch.ones(n, dtype=torch.bool),
+    }
+
+
+def test_handler_writes_csv_stats_and_histogram(tmp_path):
+    writer = FakeWriter()
+    handler = MarginHandler(4, delta=1.0, max_margin=2.5, output_dir=tmp_path, summary_writer=writer)
+    batches = [_batch([0, 1], [False, True], [1.0, 0.5]), _batch([2, 3], [False, False], [1.0, 1.0])]
+    engine = _engine(handler, batches)
+    engine.run(batches, max_epochs=2)
+    assert engine.has_event_handler(handler.epoch_completed, Events.EPOCH_COMPLETED)
+    # epoch 1: [2, 0.75, 2, 2]; epoch 2: sample 1's estimate (0.75 + 0.5)/2; the others clamp at 2.5
+    assert handler.margins.tolist() == [2.5, 0.625, 2.5, 2.5]
+    with open(tmp_path / "margins.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["epoch", "index", "margin"] and len(rows) == 1 + 2 * 4
+    assert rows[1:5] == [["1", "0", "2"], ["1", "1", "0.75"], ["1", "2", "2"], ["1", "3", "2"]]
+    assert engine.state.metrics["margin_max"] == 2.5 and engine.state.metrics["margin_refined"] == 0.25
+    assert [(t, s) for t, _, s in writer.calls] == [("margin", 1), ("margin", 2)]
+    assert torch.equal(writer.calls[-1][1], handler.margins)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["margins.csv"]  # no temporary file left
+
+
+def test_csv_rewrites_epochs_of_a_resumed_run(tmp_path):
+    handler = MarginHandler(2, delta=1.0, output_dir=tmp_path)
+    path = tmp_path / "margins.csv"
+    path.write_text("epoch,index,margin\n1,0,1\n1,1,1\n2,0,7\n2,1,7\n")  # epoch 2 written, then the run was killed
+    handler.write_csv(path, 2)
+    assert path.read_text() == "epoch,index,margin\n1,0,1\n1,1,1\n2,0,1\n2,1,1\n"
+
+
+def test_missing_index_is_named():
+    handler = MarginHandler(2, delta=1.0)
+    batch = _batch([0, 1], [False, False], [1.0, 1.0])
+    batch["index"] = None
+    with pytest.raises(ValueError, match="'index'"):
+        _engine(handler, [batch]).run([batch], max_epochs=1)
+
+
+def _rank(rank, world, init, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    handler = MarginHandler(6, delta=1.0)
+    # rank 0 sees 0, 1, 2; rank 1 sees 3, 4 and 2 again (DistributedSampler pads with repeats)
+    batches = (
+        [_batch([0, 1, 2], [False, True, False], [1.0, 0.5, 1.0])]
+        if rank == 0
+        else [_batch([3, 4, 2], [True, False, True], [0.25, 1.0, 0.5])]
+    )
+    engine = _engine(handler, batches)
+    engine.run(batches, max_epochs=1)
+    torch.save(handler.margins, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_margins_identical_across_two_gloo_ranks(tmp_path):
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2, join=True)
+    m0, m1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(m0, m1)
+    # 0: expand; 1: (1 + 0.5)/2; 2: seen on both ranks, found on one -> mean of the ranks' estimates, (1 + 0.75)/2;
+    # 3: (1 + 0.25)/2; 4: expand; 5: unseen, kept
+    assert m0.tolist() == [2.0, 0.75, 0.875, 0.625, 2.0, 1.0]
