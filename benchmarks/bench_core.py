@@ -36,16 +36,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
-    out = []
+def side_by_side(fns, device, repeats):
+    """Median seconds of each function, run round-robin so drift of the machine hits all alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def dynunet():
@@ -95,8 +98,12 @@ def bench_torchattacks(args, device):
             ce, norm=norm, steps=args.steps, alpha=step * args.steps / eps, random_start=False, value_range=(0, 1)
         )
         ref = cls(net, eps=eps, alpha=step, steps=args.steps, random_start=False)
-        t_ours = timed(lambda ours=ours, eps=eps: ours(net, x, y, eps), device, args.repeats)
-        t_ref = timed(lambda ref=ref: ref(x, y), device, args.repeats)
+        t = side_by_side(
+            {"ours": lambda ours=ours, eps=eps: ours(net, x, y, eps), "ref": lambda ref=ref: ref(x, y)},
+            device,
+            args.repeats,
+        )
+        t_ours, t_ref = t["ours"], t["ref"]
         diff = (ours(net, x, y, eps) - ref(x, y)).abs().max().item()
         res[norm] = {"ours_s": t_ours, "torchattacks_s": t_ref, "ratio": t_ours / t_ref, "max_abs_diff": diff}
     return res
@@ -113,11 +120,18 @@ def bench_pgd_cost(args, device):
         xi = x.clone().requires_grad_(True)
         torch.autograd.grad(loss(net(xi), y).sum(), xi)
 
-    t_one = timed(one_pass, device, args.repeats)
     attack = PGD(loss, steps=args.steps)
-    t_pgd = timed(lambda: attack(net, x, y, 1.0), device, args.repeats)
     crit = DiceCriterion(0.5)
-    t_crit = timed(lambda: attack.attack(net, x, y, 1.0, criterion=crit), device, args.repeats)
+    t = side_by_side(
+        {
+            "one": one_pass,
+            "pgd": lambda: attack(net, x, y, 1.0),
+            "crit": lambda: attack.attack(net, x, y, 1.0, criterion=crit),
+        },
+        device,
+        args.repeats,
+    )
+    t_one, t_pgd, t_crit = t["one"], t["pgd"], t["crit"]
     return {
         "one_pass_s": t_one,
         "pgd_s": t_pgd,
@@ -179,10 +193,12 @@ def child_peak_rss(kind, args):
 
 
 def bench_amat_vs_sat(args, device):
+    kinds = ("amat", "sat_mixed", "sat_adv_only")
+    steps = {kind: trainer(kind, args, device) for kind in kinds}
+    times = side_by_side(steps, device, args.repeats)
     res = {}
-    for kind in ("amat", "sat_mixed", "sat_adv_only"):
-        step = trainer(kind, args, device)
-        res[kind] = {"iteration_s": timed(step, device, args.repeats)}
+    for kind, step in steps.items():
+        res[kind] = {"iteration_s": times[kind]}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             step()

@@ -304,7 +304,7 @@ class PGD:
     def _project(self, noise: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         if self.norm == "linf":
             bound = _view(eps, noise)
-            return torch.maximum(torch.minimum(noise, bound), -bound)
+            return noise.clamp(-bound, bound)
         factor = torch.clamp(eps / per_sample_norm(noise).clamp_min(1e-12).to(noise.dtype), max=1.0)
         return noise * _view(factor, noise)
 

@@ -9,6 +9,7 @@ from monai_amat.criteria import (
     LossThresholdCriterion,
     calibrate_dice_tau,
     calibrate_thresholds,
+    channel_argmax,
     hard_dice,
     huber_location_scale,
     load_thresholds,
@@ -104,3 +105,9 @@ def test_calibration_and_thresholds_file(tmp_path):
         load_thresholds(tmp_path / "broken.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_thresholds(tmp_path / "missing.json")
+
+
+def test_channel_argmax_matches_torch():
+    logits = torch.randn(3, 4, 5, 6)
+    logits[0, 2] = logits[0, 1]  # ties go to the first maximum, as torch.argmax
+    assert torch.equal(channel_argmax(logits), logits.argmax(1))
