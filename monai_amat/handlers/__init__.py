@@ -1,4 +1,13 @@
+from monai_amat.handlers.calibration import CalibrationHandler
+from monai_amat.handlers.checkpoint import TrainingCheckpoint
 from monai_amat.handlers.margin_handler import MarginHandler
 from monai_amat.handlers.robustness_report import RobustnessReport, area_under_curve, plot_robustness
 
-__all__ = ["MarginHandler", "RobustnessReport", "area_under_curve", "plot_robustness"]
+__all__ = [
+    "CalibrationHandler",
+    "MarginHandler",
+    "RobustnessReport",
+    "TrainingCheckpoint",
+    "area_under_curve",
+    "plot_robustness",
+]

@@ -1,0 +1,197 @@
+"""Helpers that the bundle configs call: where the bundle lives, config checks, criterion thresholds."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_amat.criteria import load_thresholds
+from monai_amat.engines.evaluator import check_eps_list
+
+__all__ = ["bundle_root", "check_config", "load_tau", "load_loss_thresholds", "load_model", "image_files"]
+
+
+def bundle_root(name: str) -> str:
+    """The folder of bundle ``name``, whatever the working directory.
+
+    Looked up, in order: the folder of a ``--config_file`` given on the command line (``.../NAME/configs/x.json``);
+    ``./bundles/NAME``; the working directory itself when it is the bundle; ``bundles/NAME`` beside the installed
+    package (an editable install from the repository).
+
+    Args:
+        name: the bundle's folder name, e.g. ``"msd_hippocampus_seg_amat"``.
+
+    Returns:
+        The absolute path of the bundle folder.
+
+    Raises:
+        FileNotFoundError: when none of the places holds the bundle.
+    """
+    candidates = []
+    for arg in sys.argv:
+        for part in (
+            arg.replace("'", " ").replace('"', " ").replace(",", " ").replace("[", " ").replace("]", " ").split()
+        ):
+            p = Path(part)
+            if p.suffix in (".json", ".yaml", ".yml") and p.parent.name == "configs" and p.parent.parent.name == name:
+                candidates.append(p.parent.parent)
+    cwd = Path.cwd()
+    candidates += [cwd / "bundles" / name, cwd, Path(__file__).resolve().parents[1] / "bundles" / name]
+    for c in candidates:
+        if c.name == name and (c / "configs").is_dir():
+            return str(c.resolve())
+    raise FileNotFoundError(
+        f"cannot find bundle {name!r}: looked in {[str(c) for c in candidates]}; run from the repository root "
+        "or pass --bundle_root."
+    )
+
+
+def check_config(values: Mapping[str, Any]) -> bool:
+    """Check a bundle's settings before anything runs; errors name the config key.
+
+    Known keys (others are ignored): ``epochs`` (integer >= 1), ``delta`` (> 0), ``max_margin`` (>= delta),
+    ``beta`` (in [0, 1]), ``sat_eps`` (>= 0), ``sat_eps_list`` and ``eps_list`` (ascending, >= 0),
+    ``train_attack_steps`` / ``attack_steps`` (integer >= 1), ``train_alpha`` / ``eval_alpha`` (> 0),
+    ``norm`` (``"l2"`` or ``"linf"``), ``batch_size`` (integer >= 1), ``learning_rate`` (> 0),
+    ``data_source`` (``"embedded"`` or ``"real"``; ``"real"`` needs ``dataset_dir``).
+
+    Args:
+        values: ``{config key: value}``.
+
+    Returns:
+        True, so configs can use it in an ``initialize`` expression.
+
+    Raises:
+        ValueError: naming the first bad key and its value.
+    """
+
+    def bad(key: str, rule: str) -> ValueError:
+        return ValueError(f"config key {key!r} = {values[key]!r} is invalid: {rule}.")
+
+    def number(key: str) -> float:
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise bad(key, "must be a number")
+        return float(v)
+
+    for key in ("epochs", "train_attack_steps", "attack_steps", "batch_size"):
+        if key in values and (number(key) != int(values[key]) or values[key] < 1):
+            raise bad(key, "must be an integer >= 1")
+    for key in ("delta", "train_alpha", "eval_alpha", "learning_rate"):
+        if key in values and not (number(key) > 0 and math.isfinite(values[key])):
+            raise bad(key, "must be finite and > 0")
+    if "max_margin" in values and not number("max_margin") >= values.get("delta", 0):
+        raise bad("max_margin", f"must be >= delta ({values.get('delta')})")
+    if "beta" in values and not 0 <= number("beta") <= 1:
+        raise bad("beta", "must be in [0, 1]")
+    if "sat_eps" in values and not (number("sat_eps") >= 0 and math.isfinite(values["sat_eps"])):
+        raise bad("sat_eps", "must be finite and >= 0")
+    for key in ("eps_list", "sat_eps_list"):
+        if key in values:
+            if not isinstance(values[key], Sequence) or isinstance(values[key], str):
+                raise bad(key, "must be a list of numbers")
+            check_eps_list(values[key], name=f"config key {key!r}")
+    if "norm" in values and str(values["norm"]).lower() not in ("l2", "linf"):
+        raise bad("norm", "must be 'l2' or 'linf'")
+    if "data_source" in values:
+        if values["data_source"] not in ("embedded", "real"):
+            raise bad("data_source", "must be 'embedded' or 'real'")
+        if values["data_source"] == "real" and not values.get("dataset_dir"):
+            raise ValueError("config key 'dataset_dir' must name the data set folder when data_source is 'real'.")
+    return True
+
+
+def load_tau(path: str | os.PathLike, default: float) -> float:
+    """The Dice threshold ``tau`` from ``thresholds.json``, or ``default`` (with a warning) when there is none.
+
+    Args:
+        path: the thresholds file written by ``calibrate.json``.
+        default: the value to use without a calibration (the paper's reference value).
+
+    Returns:
+        ``tau``.
+
+    Raises:
+        ValueError: when the file exists but is not a Dice calibration.
+    """
+    if not Path(path).is_file():
+        warnings.warn(f"{path} not found: using the default Dice threshold tau={default} (run calibrate.json).")
+        return float(default)
+    data = load_thresholds(path)
+    if data["criterion"] != "dice" or "tau" not in data["thresholds"]:
+        raise ValueError(f"{path}: expected a Dice calibration with thresholds.tau, got {data['criterion']!r}.")
+    return float(data["thresholds"]["tau"])
+
+
+def load_loss_thresholds(path: str | os.PathLike, default: Mapping[str, float]) -> dict[str, float]:
+    """Loss-component thresholds from ``thresholds.json``, or ``default`` (with a warning) when there is none.
+
+    Args:
+        path: the thresholds file written by ``calibrate.json``.
+        default: ``{component: threshold}`` to use without a calibration.
+
+    Returns:
+        ``{component: threshold}``.
+
+    Raises:
+        ValueError: when the file lacks a component of ``default``.
+    """
+    if not Path(path).is_file():
+        warnings.warn(f"{path} not found: using default loss thresholds {dict(default)} (run calibrate.json).")
+        return {k: float(v) for k, v in default.items()}
+    thresholds = load_thresholds(path)["thresholds"]
+    missing = [k for k in default if k not in thresholds]
+    if missing:
+        raise ValueError(f"{path}: thresholds lack {missing}.")
+    return {k: float(thresholds[k]) for k in default}
+
+
+def load_model(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Load a ``model.pt`` state dict (``weights_only=True``) into ``network``.
+
+    Args:
+        network: the network of the config's ``network_def``.
+        path: the model file.
+
+    Returns:
+        ``network``.
+
+    Raises:
+        FileNotFoundError: when the file is missing (train first, or set ``ckpt_path``).
+        RuntimeError: when the state dict does not fit the network (names the file).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no model to load; train first (train.json) or set --ckpt_path.")
+    device = next(network.parameters()).device
+    try:
+        network.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} does not fit the configured network: {e}") from e
+    return network
+
+
+def image_files(folder: str | os.PathLike, patterns: Sequence[str] = ("*.nii.gz", "*.nii")) -> list[str]:
+    """The image files of a folder, sorted.
+
+    Args:
+        folder: the input folder.
+        patterns: glob patterns of the files to take.
+
+    Returns:
+        Absolute paths.
+
+    Raises:
+        FileNotFoundError: when the folder is missing or holds no matching file.
+    """
+    folder = Path(folder)
+    files = sorted(str(f.resolve()) for p in patterns for f in folder.glob(p)) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{folder}: no input images matching {list(patterns)}; set --input_dir.")
+    return files

@@ -1,0 +1,109 @@
+"""Ignite handler that calibrates the criterion from a trained model and writes ``thresholds.json``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from monai.utils import IgniteInfo, min_version, optional_import
+from monai.utils.enums import CommonKeys as Keys
+
+from monai_amat.attacks import to_float32
+from monai_amat.criteria import DiceCriterion, calibrate_dice_tau, calibrate_thresholds, save_thresholds
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine, Events
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+
+__all__ = ["CalibrationHandler"]
+
+
+class CalibrationHandler:
+    """Collects per-sample clean results of an evaluator over the training set and writes ``thresholds.json``.
+
+    Two modes:
+
+    - ``"dice"`` (segmentation): ``tau`` = mean hard Dice (as :py:class:`monai_amat.criteria.DiceCriterion`
+      computes it) over samples whose label has foreground;
+    - ``"loss"`` (landmarks, detection): per component, Huber robust mean ``+ z ×`` robust scale of the per-sample
+      clean losses ``components_fn(pred, label) -> {name: Tensor[B]}``.
+
+    Attach it to a ``SupervisedEvaluator`` created with ``decollate=False`` (batch-level outputs). Only rank 0
+    writes, atomically.
+
+    Args:
+        output_file: the ``thresholds.json`` to write.
+        mode: ``"dice"`` or ``"loss"``.
+        model: the model file the thresholds come from (recorded in the file).
+        components_fn: the per-sample loss components (``"loss"`` mode).
+        z: robust scales above the robust mean (``"loss"`` mode).
+        dice_reduction: how ``"dice"`` mode combines foreground classes (``"max"`` as the criterion).
+
+    Raises:
+        ValueError: for an unknown mode, or ``"loss"`` mode without ``components_fn``.
+    """
+
+    def __init__(
+        self,
+        output_file: str | os.PathLike,
+        mode: str = "dice",
+        model: str = "",
+        components_fn: Callable[[Any, Any], Mapping[str, torch.Tensor]] | None = None,
+        z: float = 2.0,
+        dice_reduction: str = "max",
+    ) -> None:
+        if mode not in ("dice", "loss"):
+            raise ValueError(f"calibration mode must be 'dice' or 'loss', got {mode!r}.")
+        if mode == "loss" and components_fn is None:
+            raise ValueError("calibration mode 'loss' needs components_fn.")
+        self.output_file = output_file
+        self.mode = mode
+        self.model = str(model)
+        self.components_fn = components_fn
+        self.z = float(z)
+        self.dice = DiceCriterion(0.0, reduction=dice_reduction)
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.thresholds: dict[str, float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Collect at every iteration, write when the run completes.
+
+        Args:
+            engine: an evaluator with batch-level outputs (``decollate=False``).
+        """
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        """Forget values of an earlier run."""
+        self.values = {}
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Record the batch's per-sample values."""
+        pred, label = to_float32(engine.state.output[Keys.PRED]), engine.state.output[Keys.LABEL]
+        if self.mode == "dice":
+            batch = {"dice": self.dice.dice(pred, label), "foreground": label.flatten(1).amax(1) > 0}
+        else:
+            batch = dict(self.components_fn(pred, label))
+        for name, value in batch.items():
+            self.values.setdefault(name, []).append(value.detach().cpu())
+
+    def completed(self, engine: Engine) -> None:
+        """Compute the thresholds and write them (rank 0)."""
+        values = {k: torch.cat(v) for k, v in self.values.items()}
+        if self.mode == "dice":
+            self.thresholds = {"tau": calibrate_dice_tau(values["dice"], values["foreground"])}
+            z = None
+        else:
+            self.thresholds, z = calibrate_thresholds(values, self.z), self.z
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        save_thresholds(
+            self.output_file, self.mode if self.mode == "dice" else "loss_threshold", self.thresholds, z, self.model
+        )
