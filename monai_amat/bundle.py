@@ -122,7 +122,9 @@ def load_tau(path: str | os.PathLike, default: float) -> float:
         ValueError: when the file exists but is not a Dice calibration.
     """
     if not Path(path).is_file():
-        warnings.warn(f"{path} not found: using the default Dice threshold tau={default} (run calibrate.json).")
+        warnings.warn(
+            f"{path} not found: using the default Dice threshold tau={default} (run calibrate.json).", stacklevel=2
+        )
         return float(default)
     data = load_thresholds(path)
     if data["criterion"] != "dice" or "tau" not in data["thresholds"]:
@@ -144,7 +146,9 @@ def load_loss_thresholds(path: str | os.PathLike, default: Mapping[str, float]) 
         ValueError: when the file lacks a component of ``default``.
     """
     if not Path(path).is_file():
-        warnings.warn(f"{path} not found: using default loss thresholds {dict(default)} (run calibrate.json).")
+        warnings.warn(
+            f"{path} not found: using default loss thresholds {dict(default)} (run calibrate.json).", stacklevel=2
+        )
         return {k: float(v) for k, v in default.items()}
     thresholds = load_thresholds(path)["thresholds"]
     missing = [k for k in default if k not in thresholds]
