@@ -1,0 +1,488 @@
+"""Medical Segmentation Decathlon (MSD) data.
+
+Download, reading through ``dataset.json``, checks, splits and a small synthetic stand-in in the real MSD layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import nibabel as nib
+import numpy as np
+from monai.apps import DecathlonDataset, download_url, extractall
+from monai.utils import optional_import
+
+from monai_amat.utils import read_json, write_json
+
+__all__ = ["MSD_TASKS", "MSDDataset", "prepare_msd", "read_msd", "check_case", "split_cases", "make_embedded_msd"]
+
+MSD_HOME = "http://medicaldecathlon.com"
+
+MSD_TASKS: dict[str, dict[str, str]] = {
+    task: {"url": DecathlonDataset.resource[task], "md5": DecathlonDataset.md5[task]}
+    for task in ("Task02_Heart", "Task04_Hippocampus", "Task05_Prostate")
+}
+"""The tasks of the paper, with the archive URL and md5 that MONAI's ``DecathlonDataset`` uses."""
+
+_, _HAS_TQDM = optional_import("tqdm")
+
+_REQUIRED_KEYS = ("training", "labels", "modality")
+
+_EMBEDDED_MARKER = "Synthetic stand-in for"
+
+# Per task: file prefix, dataset.json "name"/"modality"/"labels", the structure's mean intensity per modality and
+# foreground label (background is 1.0), and how a 2-label structure is cut in two ("plane": halves along its long
+# axis; "core": label 2 is the inner core, label 1 the shell around it).
+_EMBEDDED_SPECS: dict[str, dict[str, Any]] = {
+    "Task02_Heart": {
+        "prefix": "la",
+        "name": "LeftAtrium",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "left atrium"},
+        "means": [[1.9]],
+        "split": "plane",
+    },
+    "Task04_Hippocampus": {
+        "prefix": "hippocampus",
+        "name": "Hippocampus",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "means": [[2.0, 1.6]],
+        "split": "plane",
+    },
+    "Task05_Prostate": {
+        "prefix": "prostate",
+        "name": "PROSTATE",
+        "modality": {"0": "T2", "1": "ADC"},
+        "labels": {"0": "background", "1": "PZ", "2": "TZ"},
+        "means": [[2.0, 1.6], [1.7, 0.5]],
+        "split": "core",
+    },
+}
+
+_DEFAULT_SHAPE = (48, 48, 12)
+_SPACING = (1.25, 1.25, 2.5)
+
+
+def _how_to_get(task: str | None) -> str:
+    """The hint appended to "data not found" errors."""
+    if task in MSD_TASKS:
+        source = f"download {MSD_TASKS[task]['url']} (md5 {MSD_TASKS[task]['md5']}) and extract it there"
+        call = f"monai_amat.data.prepare_msd({task!r}, root_dir)"
+    else:
+        source = f"get the task's archive from {MSD_HOME} and extract it there"
+        call = f"monai_amat.data.prepare_msd(task, root_dir) with task one of {sorted(MSD_TASKS)}"
+    return f"To get the data, {source}, or run {call}, which downloads it with MONAI's download_url and extractall."
+
+
+def prepare_msd(task: str, root_dir: str | os.PathLike, url: str | None = None, md5: str | None = None) -> Path:
+    """Download an MSD task archive and extract it into ``root_dir``, unless it is already there.
+
+    Does what :py:func:`monai.apps.download_and_extract` does, with its two steps: the archive is downloaded with
+    :py:func:`monai.apps.download_url` (md5-checked) to ``root_dir/<archive name>`` and kept there, as MONAI's
+    ``DecathlonDataset`` does, so a later call does not download it again; :py:func:`monai.apps.extractall` extracts
+    it into a temporary folder beside the task folder, which is then renamed, so an interrupted extraction never
+    leaves a half-written task folder. (``download_and_extract`` itself would need the optional ``requests`` package
+    to guess the archive name.)
+
+    Args:
+        task: the task folder name, e.g. ``"Task04_Hippocampus"``; one of :py:data:`MSD_TASKS` unless ``url`` is given.
+        root_dir: the folder to extract into.
+        url: the archive URL; defaults to the task's URL in :py:data:`MSD_TASKS`.
+        md5: the archive's md5; defaults to the task's md5 when ``url`` is not given; ``None`` with ``url`` skips
+            the check.
+
+    Returns:
+        The task folder ``root_dir/<task>`` (the folder holding ``dataset.json``).
+
+    Raises:
+        ValueError: when ``task`` is unknown and no ``url`` is given, or the archive holds no ``<task>/dataset.json``.
+        FileExistsError: when ``root_dir/<task>`` exists without a ``dataset.json``.
+        monai.apps.utils.HashCheckError: when the downloaded archive's md5 differs from ``md5``.
+    """
+    if url is None:
+        if task not in MSD_TASKS:
+            raise ValueError(f"unknown MSD task {task!r}; known tasks: {sorted(MSD_TASKS)} (or pass url=...).")
+        url, md5 = MSD_TASKS[task]["url"], md5 or MSD_TASKS[task]["md5"]
+    root_dir = Path(root_dir)
+    task_dir = root_dir / task
+    if (task_dir / "dataset.json").is_file():
+        return task_dir
+    if task_dir.exists():
+        raise FileExistsError(
+            f"{task_dir} exists but holds no dataset.json; remove it (or move it away) and run prepare_msd again."
+        )
+    root_dir.mkdir(parents=True, exist_ok=True)
+    archive = root_dir / Path(urlparse(url).path).name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{task}.", suffix=".partial", dir=root_dir))
+    try:
+        download_url(url, filepath=archive, hash_val=md5, hash_type="md5", progress=_HAS_TQDM)
+        extractall(archive, output_dir=tmp)
+        if not (tmp / task / "dataset.json").is_file():
+            found = sorted(p.name for p in tmp.iterdir())
+            raise ValueError(f"{archive} (from {url}) holds no {task}/dataset.json; its top level holds {found}.")
+        os.rename(tmp / task, task_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return task_dir
+
+
+@dataclass
+class MSDDataset:
+    """An MSD-format data set as read from its ``dataset.json``.
+
+    Args:
+        root: the task folder (holding ``dataset.json``).
+        name: ``dataset.json``'s ``"name"`` (the folder name when absent).
+        modalities: ``dataset.json``'s ``"modality"``, e.g. ``{"0": "T2", "1": "ADC"}``.
+        labels: ``dataset.json``'s ``"labels"``, e.g. ``{"0": "background", "1": "PZ", "2": "TZ"}``.
+        cases: one dict per ``"training"`` entry: ``{"image": abs path, "label": abs path, "case": case name}``.
+    """
+
+    root: Path
+    name: str
+    modalities: dict[str, str]
+    labels: dict[str, str]
+    cases: list[dict[str, str]]
+
+
+def _case_name(path: str) -> str:
+    """``".../prostate_00.nii.gz"`` -> ``"prostate_00"``."""
+    return Path(Path(path).name.removesuffix(".gz")).stem
+
+
+def read_msd(dataset_dir: str | os.PathLike, task: str | None = None) -> MSDDataset:
+    """Read an MSD-format folder through its ``dataset.json``; works for any MSD task.
+
+    File names, modalities and labels all come from ``dataset.json``.
+
+    Args:
+        dataset_dir: the task folder, holding ``dataset.json``, ``imagesTr/`` and ``labelsTr/``.
+        task: the MSD task name, used only to say where to get missing data; defaults to the folder's name when that
+            is one of :py:data:`MSD_TASKS`.
+
+    Returns:
+        The data set, with absolute image and label paths.
+
+    Raises:
+        FileNotFoundError: when ``dataset_dir`` or its ``dataset.json`` is missing (the message says how to get the
+            data), or when training images/labels are missing (the message lists all of them).
+        ValueError: when ``dataset.json`` is not valid JSON or lacks ``"training"``, ``"labels"`` or ``"modality"``,
+            or a training entry lacks ``"image"``/``"label"``.
+    """
+    root = Path(dataset_dir).absolute()
+    if task is None and root.name in MSD_TASKS:
+        task = root.name
+    json_path = root / "dataset.json"
+    if not root.is_dir():
+        raise FileNotFoundError(f"MSD data set folder {root} does not exist. {_how_to_get(task)}")
+    if not json_path.is_file():
+        raise FileNotFoundError(
+            f"{json_path} is missing (the MSD folder {root} has no dataset.json). {_how_to_get(task)}"
+        )
+    try:
+        meta = read_json(json_path, required=_REQUIRED_KEYS)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e}).") from e
+    for key, kind in (("training", list), ("labels", dict), ("modality", dict)):
+        if not isinstance(meta[key], kind):
+            raise ValueError(f"{json_path}: {key!r} must be a JSON {kind.__name__}, got {type(meta[key]).__name__}.")
+    cases, missing = [], []
+    for i, entry in enumerate(meta["training"]):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "label")):
+            raise ValueError(f"{json_path}: 'training' entry {i} must have string 'image' and 'label', got {entry!r}.")
+        case = {k: os.path.normpath(root / entry[k]) for k in ("image", "label")}
+        missing += [case[k] for k in ("image", "label") if not os.path.isfile(case[k])]
+        cases.append({**case, "case": _case_name(entry["image"])})
+    if missing:
+        listed = "\n  ".join(missing)
+        raise FileNotFoundError(f"{json_path} lists {len(missing)} missing file(s):\n  {listed}")
+    labels = {str(k): str(v) for k, v in meta["labels"].items()}
+    modalities = {str(k): str(v) for k, v in meta["modality"].items()}
+    return MSDDataset(root, str(meta.get("name", root.name)), modalities, labels, cases)
+
+
+def _header_shape(path: str) -> tuple[int, ...]:
+    """The shape in a NIfTI header, read without loading the voxels."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file.")
+    try:
+        return tuple(int(s) for s in nib.load(path).shape)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e}).") from e
+
+
+def check_case(case: dict[str, str]) -> tuple[int, ...]:
+    """Check that a case's image and label headers are readable and agree in spatial shape.
+
+    Only the NIfTI headers are read (cheap). The image may have modalities last (``(X, Y, Z, M)``, as MSD Prostate);
+    its first three dimensions must equal the label's.
+
+    Args:
+        case: a dict with ``"image"`` and ``"label"`` paths, as in :py:attr:`MSDDataset.cases`.
+
+    Returns:
+        The image's spatial shape.
+
+    Raises:
+        FileNotFoundError: when a file is missing.
+        ValueError: when a file is not a readable NIfTI, or the spatial shapes differ.
+    """
+    image_shape = _header_shape(case["image"])
+    label_shape = _header_shape(case["label"])
+    if image_shape[:3] != label_shape[:3]:
+        raise ValueError(
+            f"spatial shapes differ: image {case['image']} has shape {image_shape}, "
+            f"label {case['label']} has shape {label_shape}."
+        )
+    return image_shape[:3]
+
+
+def split_cases(cases: list, num_folds: int = 5, fold: int = 1, seed: int = 0) -> tuple[list, list, list]:
+    """The paper's split: hold out one of ``num_folds`` shuffled folds, 1/3 of it for validation, 2/3 for test.
+
+    The cases are shuffled with ``numpy.random.default_rng(seed)`` and cut into ``num_folds`` folds
+    (``numpy.array_split``). Fold ``fold`` is held out: its first ``round(len / 3)`` cases (at least 1 when it holds
+    2 or more) are the validation set, the rest the test set; the other folds are the training set.
+
+    With few cases (the held-out fold has fewer than 2 cases, e.g. fewer cases than folds) a warning is issued and:
+    with 3 or more cases, the held-out set is topped up to 2 from the training cases, so validation and test get one
+    case each (3 cases -> 1/1/1); with 2 cases, train 1, validation 0, test 1; with 1 case, train 1, validation 0,
+    test 0. Training always keeps at least one case.
+
+    Args:
+        cases: the items to split (any objects).
+        num_folds: the number of folds.
+        fold: the held-out fold's 0-based index.
+        seed: the shuffling seed.
+
+    Returns:
+        ``(train, val, test)``: disjoint lists covering ``cases``, deterministic for a seed.
+
+    Raises:
+        ValueError: when ``cases`` is empty, ``num_folds < 2`` or ``fold`` is not in ``[0, num_folds)``.
+    """
+    if not cases:
+        raise ValueError("split_cases: no cases to split.")
+    if num_folds < 2 or not 0 <= fold < num_folds:
+        raise ValueError(f"split_cases: need num_folds >= 2 and 0 <= fold < num_folds, got {num_folds=}, {fold=}.")
+    n = len(cases)
+    order = np.random.default_rng(seed).permutation(n)
+    folds = [[cases[i] for i in part] for part in np.array_split(order, num_folds)]
+    held = folds[fold]
+    train = [c for k, part in enumerate(folds) if k != fold for c in part]
+    if len(held) < 2:
+        warnings.warn(
+            f"split_cases: {n} case(s) in {num_folds} folds leave {len(held)} held-out case(s) in fold {fold}; "
+            "using a reduced split (see the docstring).",
+            stacklevel=2,
+        )
+        if n >= 3:
+            need = 2 - len(held)
+            held, train = held + train[-need:], train[:-need]
+        elif not train:
+            held, train = [], held
+    num_val = max(round(len(held) / 3), 1) if len(held) >= 2 else 0
+    return train, held[:num_val], held[num_val:]
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: float) -> np.ndarray:
+    """Gaussian-smoothed white noise (periodic, via FFT), zero mean, unit standard deviation."""
+    freqs = [np.fft.fftfreq(n, d=s) for n, s in zip(shape[:-1], _SPACING)]
+    freqs.append(np.fft.rfftfreq(shape[-1], d=_SPACING[2]))
+    grids = np.meshgrid(*freqs, indexing="ij")
+    kernel = np.exp(-2.0 * (np.pi * sigma_mm) ** 2 * sum(g**2 for g in grids))
+    out = np.fft.irfftn(np.fft.rfftn(rng.standard_normal(shape)) * kernel, s=shape)
+    out -= out.mean()
+    return out / out.std()
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    """A random in-plane rotation with a small tilt out of the axial plane."""
+    a, t = rng.uniform(0.0, np.pi), rng.uniform(-0.25, 0.25)
+    rz = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    rx = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), -np.sin(t)], [0.0, np.sin(t), np.cos(t)]])
+    return rx @ rz
+
+
+def _blob(
+    rng: np.random.Generator, coords: np.ndarray, center: np.ndarray, axes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A rotated ellipsoid with a smoothly perturbed surface.
+
+    Returns:
+        The mask, the ellipsoid's normalised squared radius per voxel and its local coordinates (last axis).
+    """
+    local = (coords - center) @ _rotation(rng)
+    q = ((local / axes) ** 2).sum(-1)
+    wobble = _smooth_noise(rng, q.shape, sigma_mm=0.5 * float(axes.min()))
+    return q + 0.2 * wobble / np.abs(wobble).max() < 1.0, q, local
+
+
+def _embedded_case(
+    rng: np.random.Generator, spec: dict[str, Any], shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic case: image ``(X, Y, Z)`` or ``(X, Y, Z, M)`` and label ``(X, Y, Z)``."""
+    half = np.array(shape) * np.array(_SPACING) / 2.0
+    coords = np.stack(
+        np.meshgrid(*[(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, _SPACING)], indexing="ij"), -1
+    )
+    center = rng.uniform(-1.0, 1.0, 3) * half * np.array([0.25, 0.25, 0.15])
+    axes = rng.uniform([0.3, 0.22, 0.3], [0.45, 0.32, 0.45]) * half
+    structure, q, local = _blob(rng, coords, center, axes)
+    structure[..., [0, -1]] = False  # the structure never reaches the first and last axial slices
+    label = structure.astype(np.uint8)
+    if len(spec["labels"]) == 3:
+        second = q < 0.4 if spec["split"] == "core" else local[..., 0] < 0.0
+        label[structure & second] = 2
+    distractors = np.zeros(shape, dtype=bool)
+    for _ in range(int(rng.integers(2, 4))):
+        d_axes = axes.mean() * rng.uniform(0.5, 0.75) * rng.uniform(0.8, 1.2, 3)
+        candidates = rng.uniform(-0.7, 0.7, (20, 3)) * half
+        clearance = np.linalg.norm(candidates - center, axis=1) - axes.max() - d_axes.max()
+        clear = np.flatnonzero(clearance > 0)
+        d_center = candidates[clear[0] if clear.size else np.argmax(clearance)]
+        distractors |= _blob(rng, coords, d_center, d_axes)[0]
+    distractors &= ~structure
+    channels = []
+    for means in spec["means"]:
+        clean = np.ones(shape)
+        for value, mean in enumerate(means, start=1):
+            clean[label == value] = mean
+        clean[distractors] = rng.choice(means) * rng.uniform(0.85, 1.1)
+        texture = 0.25 * _smooth_noise(rng, shape, 3.0) + 0.1 * _smooth_noise(rng, shape, 1.0)
+        bias = np.exp(0.2 * _smooth_noise(rng, shape, 0.3 * float(half.max())))
+        noisy = bias * (clean + texture) + 0.2 * rng.standard_normal(shape)
+        channels.append(np.maximum(noisy, 0.0).astype(np.float32))
+    image = channels[0] if len(channels) == 1 else np.stack(channels, -1)
+    return image, label
+
+
+def _save_nifti(array: np.ndarray, path: Path) -> None:
+    """Save with a 1.25 x 1.25 x 2.5 mm affine."""
+    affine = np.diag([*_SPACING, 1.0])
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, path)
+
+
+def make_embedded_msd(
+    root_dir: str | os.PathLike,
+    task: str,
+    num_cases: int = 8,
+    seed: int = 0,
+    shape: tuple[int, int, int] | None = None,
+) -> Path:
+    """Generate a small deterministic synthetic data set in the real MSD layout, shaped like ``task``.
+
+    Writes ``root_dir/<task>/imagesTr/<prefix>_NNN.nii.gz``, ``labelsTr/<prefix>_NNN.nii.gz`` and a ``dataset.json``
+    with the real MSD keys, modalities and labels (Task05_Prostate: one 4D image per case, T2 and ADC last).
+    Images are float32, labels uint8, with a 1.25 x 1.25 x 2.5 mm affine. Each case holds a rotated, wobbly ellipsoid
+    (two adjacent sub-regions of different mean intensity for 2-label tasks) whose position, size and orientation
+    vary, on a textured noisy background with a bias field, plus unlabelled distractor blobs of similar intensity, so
+    that no global threshold segments it; the first and last axial slices hold no foreground.
+
+    The data set is written into a temporary folder beside ``root_dir/<task>`` and renamed at the end. When
+    ``root_dir/<task>/dataset.json`` already describes the same synthetic set (same ``numTraining``, seed and shape),
+    nothing is written; an older synthetic set is replaced.
+
+    Args:
+        root_dir: the folder to write ``<task>`` into.
+        task: one of ``"Task02_Heart"``, ``"Task04_Hippocampus"``, ``"Task05_Prostate"``.
+        num_cases: the number of training cases.
+        seed: the generation seed; case ``i`` depends only on ``(task, seed, shape, i)``.
+        shape: the spatial shape ``(X, Y, Z)``, each at least 4; defaults to ``(48, 48, 12)``.
+
+    Returns:
+        The task folder ``root_dir/<task>``.
+
+    Raises:
+        ValueError: when ``task`` is unknown, ``num_cases < 1`` or ``shape`` is not 3 sizes >= 4.
+        FileExistsError: when ``root_dir/<task>`` exists and is not a synthetic set made by this function.
+    """
+    if task not in _EMBEDDED_SPECS:
+        raise ValueError(f"unknown task {task!r} for make_embedded_msd; known tasks: {sorted(_EMBEDDED_SPECS)}.")
+    if num_cases < 1:
+        raise ValueError(f"make_embedded_msd: num_cases must be >= 1, got {num_cases}.")
+    shape = tuple(int(s) for s in (shape or _DEFAULT_SHAPE))
+    if len(shape) != 3 or min(shape) < 4:
+        raise ValueError(f"make_embedded_msd: shape must be 3 sizes >= 4, got {shape}.")
+    spec = _EMBEDDED_SPECS[task]
+    root_dir = Path(root_dir)
+    task_dir = root_dir / task
+    description = f"{_EMBEDDED_MARKER} {task} (monai_amat.data.make_embedded_msd, seed={seed}, shape={list(shape)})"
+    if _is_same_embedded(task_dir, num_cases, description):
+        return task_dir
+    if task_dir.exists() and not _is_embedded(task_dir):
+        raise FileExistsError(f"{task_dir} exists and is not a synthetic set from make_embedded_msd; not replacing it.")
+    root_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{task}.", suffix=".partial", dir=root_dir))
+    try:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        training = []
+        for i in range(num_cases):
+            rng = np.random.default_rng([seed, zlib.crc32(task.encode()), *shape, i])
+            image, label = _embedded_case(rng, spec, shape)
+            file_name = f"{spec['prefix']}_{i:03d}.nii.gz"
+            _save_nifti(image, tmp / "imagesTr" / file_name)
+            _save_nifti(label, tmp / "labelsTr" / file_name)
+            training.append({"image": f"./imagesTr/{file_name}", "label": f"./labelsTr/{file_name}"})
+        meta = {
+            "name": spec["name"],
+            "description": description,
+            "reference": "synthetic",
+            "tensorImageSize": "4D" if len(spec["modality"]) > 1 else "3D",
+            "modality": spec["modality"],
+            "labels": spec["labels"],
+            "numTraining": num_cases,
+            "numTest": 0,
+            "training": training,
+            "test": [],
+        }
+        write_json(tmp / "dataset.json", meta)
+        _move_into_place(tmp, task_dir, num_cases, description)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return task_dir
+
+
+def _is_embedded(task_dir: Path) -> bool:
+    """Whether ``task_dir`` holds a synthetic set from :py:func:`make_embedded_msd`."""
+    json_path = task_dir / "dataset.json"
+    return json_path.is_file() and str(read_json(json_path).get("description", "")).startswith(_EMBEDDED_MARKER)
+
+
+def _is_same_embedded(task_dir: Path, num_cases: int, description: str) -> bool:
+    """Whether ``task_dir`` already holds the synthetic set that would be generated."""
+    json_path = task_dir / "dataset.json"
+    if not json_path.is_file():
+        return False
+    meta = read_json(json_path)
+    return meta.get("numTraining") == num_cases and meta.get("description") == description
+
+
+def _move_into_place(tmp: Path, task_dir: Path, num_cases: int, description: str) -> None:
+    """Rename the freshly written ``tmp`` to ``task_dir``, replacing an older synthetic set.
+
+    A concurrent writer (e.g. another rank) that got there first with the same set wins; ``tmp`` is then dropped.
+    """
+    if task_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{task_dir.name}.", suffix=".old", dir=task_dir.parent))
+        os.replace(task_dir, old)
+        shutil.rmtree(old)
+    try:
+        os.rename(tmp, task_dir)
+    except OSError:
+        if not _is_same_embedded(task_dir, num_cases, description):
+            raise
