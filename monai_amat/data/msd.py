@@ -352,12 +352,14 @@ def _embedded_case(
         d_center = candidates[clear[0] if clear.size else np.argmax(clearance)]
         distractors |= _blob(rng, coords, d_center, d_axes)[0]
     distractors &= ~structure
+    rim = (q < 1.6) & ~structure & ~distractors
     channels = []
     for means in spec["means"]:
         clean = np.ones(shape)
         for value, mean in enumerate(means, start=1):
             clean[label == value] = mean
-        clean[distractors] = rng.choice(means) * rng.uniform(0.85, 1.1)
+        clean[rim] = 0.5  # a dark rim (as CSF around the hippocampus): context a network can learn
+        clean[distractors] = rng.choice(means) * rng.uniform(0.65, 0.85)
         texture = 0.25 * _smooth_noise(rng, shape, 3.0) + 0.1 * _smooth_noise(rng, shape, 1.0)
         bias = np.exp(0.2 * _smooth_noise(rng, shape, 0.3 * float(half.max())))
         noisy = bias * (clean + texture) + 0.2 * rng.standard_normal(shape)
