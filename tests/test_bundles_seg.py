@@ -1,0 +1,198 @@
+"""The segmentation bundles end to end, run in-process the way ``python -m monai.bundle run`` runs them."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+
+from monai_amat.data.msd import make_embedded_msd
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = ["msd_heart_seg_amat", "msd_hippocampus_seg_amat", "msd_prostate_seg_amat"]
+
+
+def configs(bundle, *names):
+    return [str(ROOT / "bundles" / bundle / "configs" / f"{n}.json") for n in names]
+
+
+def tiny(tmp_path, **extra):
+    """Overrides that make a run take seconds: a tiny embedded set, 1 epoch, 2 attack steps."""
+    return {
+        "embedded_dir": str(tmp_path / "data"),
+        "embedded_cases": 6,
+        "epochs": 1,
+        "train_attack_steps": 2,
+        "attack_steps": 2,
+        "spatial_size": [16, 16],
+        "thresholds_file": str(tmp_path / "thresholds.json"),
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
+    out = {k: tmp_path / k for k in ("std", "amat", "sat")}
+    run(config_file=configs(bundle, "train", "train_std"), output_dir=str(out["std"]), **tiny(tmp_path))
+    assert (out["std"] / "model.pt").is_file() and (out["std"] / "model_best.pt").is_file()
+    run(config_file=configs(bundle, "train", "calibrate"), ckpt_path=str(out["std"] / "model.pt"), **tiny(tmp_path))
+    thresholds = json.loads((tmp_path / "thresholds.json").read_text())
+    assert thresholds["criterion"] == "dice" and 0 <= thresholds["thresholds"]["tau"] <= 1
+
+    run(config_file=configs(bundle, "train"), output_dir=str(out["amat"]), **tiny(tmp_path, epochs=2))
+    state = torch.load(out["amat"] / "model.pt", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    with open(out["amat"] / "margins.csv") as f:
+        rows = list(csv.DictReader(f))
+    n = len({r["index"] for r in rows})
+    assert n > 0 and len(rows) == 2 * n and {r["epoch"] for r in rows} == {"1", "2"}
+    ckpt = torch.load(out["amat"] / "checkpoint.pt", weights_only=True)
+    assert (
+        ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"] and ckpt["margins"]["margins"].numel() == n
+    )
+
+    run(config_file=configs(bundle, "train", "evaluate"), output_dir=str(out["amat"]), **tiny(tmp_path))
+    report = json.loads((out["amat"] / "robustness.json").read_text())
+    eps = json.loads(Path(configs(bundle, "evaluate")[0]).read_text())["eps_list"]
+    assert report["task"] == "segmentation" and report["eps"] == eps and eps[0] == 0
+    assert set(report["metrics"]) == {"dice_mean", "dice_total"} and all("dice" in k for k in report["auc"])
+    assert all(len(v) == len(eps) for v in report["metrics"].values())
+    assert (out["amat"] / "robustness.png").stat().st_size > 0
+
+    run(config_file=configs(bundle, "train", "train_sat"), output_dir=str(out["sat"]), **tiny(tmp_path))
+    assert (out["sat"] / "model.pt").is_file() and not (out["sat"] / "margins.csv").exists()
+
+    task = json.loads(Path(configs(bundle, "train")[0]).read_text())["task"]
+    images = tmp_path / "data" / task / "imagesTr"
+    run(
+        config_file=configs(bundle, "inference"),
+        ckpt_path=str(out["amat"] / "model.pt"),
+        input_dir=str(images),
+        prediction_dir=str(tmp_path / "pred"),
+        spatial_size=[16, 16],
+    )
+    preds = sorted((tmp_path / "pred").glob("*_seg.nii.gz"))
+    assert len(preds) == 6
+    first = sorted(images.glob("*.nii.gz"))[0]
+    pred, image = nib.load(preds[0]), nib.load(first)
+    assert pred.shape == image.shape[:3] and np.allclose(pred.affine, image.affine, atol=1e-5)
+
+
+def test_ckpt_export_and_real_data_on_any_msd_folder(tmp_path):
+    """`--data_source real` reads an MSD folder with other file names, modalities and labels."""
+    custom = make_embedded_msd(tmp_path / "src", "Task05_Prostate", num_cases=6, seed=3, shape=(24, 24, 6))
+    task_dir = tmp_path / "Task99_Custom"
+    (task_dir / "imagesTr").mkdir(parents=True)
+    (task_dir / "labelsTr").mkdir()
+    training = []
+    for i, entry in enumerate(json.loads((custom / "dataset.json").read_text())["training"]):
+        img, lab = custom / entry["image"], custom / entry["label"]
+        (task_dir / "imagesTr" / f"case{i}.nii.gz").write_bytes(img.read_bytes())
+        (task_dir / "labelsTr" / f"case{i}.nii.gz").write_bytes(lab.read_bytes())
+        training.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
+    meta = {
+        "name": "Custom",
+        "modality": {"0": "A", "1": "B"},
+        "labels": {"0": "bg", "1": "x", "2": "y", "3": "unused"},
+        "numTraining": 6,
+        "training": training,
+        "test": [],
+    }
+    (task_dir / "dataset.json").write_text(json.dumps(meta))
+    bundle = "msd_hippocampus_seg_amat"
+    out = tmp_path / "amat"
+    run(
+        config_file=configs(bundle, "train"),
+        output_dir=str(out),
+        data_source="real",
+        dataset_dir=str(task_dir),
+        epochs=1,
+        train_attack_steps=1,
+        batch_size=4,
+        spatial_size=[16, 16],
+        filters=[8, 16, 32],
+        thresholds_file=str(tmp_path / "none.json"),
+    )
+    state = torch.load(out / "model.pt", weights_only=True)
+    first_conv = next(v for k, v in state.items() if k.endswith("conv1.conv.weight"))
+    last = state["output_block.conv.conv.weight"]
+    assert first_conv.shape[1] == 2 and last.shape[0] == 4  # channels and classes came from dataset.json
+
+    ts = tmp_path / "model.ts"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "--net_id",
+        "network_def",
+        "--filepath",
+        str(ts),
+        "--ckpt_file",
+        str(out / "model.pt"),
+        "--config_file",
+        configs(bundle, "inference")[0],
+        "--meta_file",
+        configs(bundle, "metadata")[0],
+        "--in_channels",
+        "2",
+        "--out_channels",
+        "4",
+        "--filters",
+        "[8, 16, 32]",
+        "--spatial_size",
+        "[16, 16]",
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    net = torch.jit.load(str(ts))
+    assert net(torch.zeros(1, 2, 16, 16)).shape == (1, 4, 16, 16)
+
+
+def chain(exc_info):
+    """The messages of an exception and of what caused it (MONAI's config parser wraps errors)."""
+    out, e = [], exc_info.value
+    while e is not None:
+        out.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(out)
+
+
+def test_bad_settings_are_named_before_training(tmp_path):
+    bundle = "msd_hippocampus_seg_amat"
+    cases = [
+        ({"delta": -1.0}, ["train"], r"'delta' = -1.0 is invalid"),
+        ({"data_source": "real"}, ["train"], r"'dataset_dir' must name the data set folder"),
+        ({"data_source": "real", "dataset_dir": str(tmp_path / "nowhere")}, ["train"], r"nowhere.*prepare_msd"),
+        ({"eps_list": [0, 5, 2]}, ["train", "evaluate"], r"'eps_list'.*ascending"),
+        ({"beta": 1.5}, ["train"], r"'beta' = 1.5 is invalid"),
+    ]
+    for overrides, names, pattern in cases:
+        with pytest.raises(Exception) as info:
+            run(
+                config_file=configs(bundle, *names), output_dir=str(tmp_path / "out"), **{**tiny(tmp_path), **overrides}
+            )
+        assert re.search(pattern, chain(info), re.S), chain(info)
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_mlflow_tracking(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    run(
+        config_file=configs("msd_hippocampus_seg_amat", "train", "train_std"),
+        output_dir=str(tmp_path / "std"),
+        tracking="mlflow",
+        tracking_uri=uri,
+        **tiny(tmp_path),
+    )
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and "train_loss" in runs[0].data.metrics
