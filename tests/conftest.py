@@ -27,6 +27,22 @@ def small_unet(dims: int = 2, out_channels: int = 2, norm: str = "batch") -> UNe
     return UNet(dims, 1, out_channels, channels=(8, 16), strides=(2,), num_res_units=0, norm=norm)
 
 
+def stack(data: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of a datalist as two batch tensors."""
+    return torch.stack([torch.as_tensor(d["image"]) for d in data]), torch.stack([torch.as_tensor(d["label"]) for d in data])
+
+
+def pretrain(net: torch.nn.Module, data: list[dict], loss, steps: int = 40) -> torch.nn.Module:
+    """A few full-batch Adam steps of standard training; returns the network in eval mode."""
+    x, y = stack(data)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(net(x), y).mean().backward()
+        opt.step()
+    return net.eval()
+
+
 class TinyClassifier(torch.nn.Module):
     def __init__(self, in_ch: int = 1, classes: int = 3, size: int = 8):
         super().__init__()

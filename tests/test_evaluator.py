@@ -10,7 +10,7 @@ from monai_amat.attacks import PGD
 from monai_amat.engines import RobustEvaluator
 from monai_amat.handlers import RobustnessReport, area_under_curve
 from monai_amat.losses import PerSampleDiceCELoss
-from tests.conftest import seg_loader, small_unet, synthetic_seg_data
+from tests.conftest import pretrain, seg_loader, small_unet, synthetic_seg_data
 
 
 def _post():
@@ -26,14 +26,7 @@ def trained():
     data = synthetic_seg_data(8)
     net = small_unet()
     loss = PerSampleDiceCELoss()
-    x = torch.stack([torch.as_tensor(d["image"]) for d in data])
-    y = torch.stack([torch.as_tensor(d["label"]) for d in data])
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(40):
-        opt.zero_grad()
-        loss(net(x), y).mean().backward()
-        opt.step()
-    return data, net.eval(), loss
+    return data, pretrain(net, data, loss), loss
 
 
 def test_robust_evaluator_metrics_per_eps_and_report(trained, tmp_path):

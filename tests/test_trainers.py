@@ -13,7 +13,7 @@ from monai_amat.criteria import DiceCriterion, LossThresholdCriterion
 from monai_amat.engines import AdversarialEvents, AMATTrainer, SATTrainer
 from monai_amat.handlers import MarginHandler
 from monai_amat.losses import PerSampleDiceCELoss
-from tests.conftest import seg_loader, small_unet, synthetic_seg_data
+from tests.conftest import pretrain, seg_loader, small_unet, stack, synthetic_seg_data
 
 
 class Recorder:
@@ -77,16 +77,9 @@ def _amat(
     data = synthetic_seg_data(n)
     net = small_unet(norm=norm)
     loss = PerSampleDiceCELoss()
-    if (
-        tau is None
-    ):  # pre-train, then put the Dice threshold at a low quantile of clean Dice: some samples fall, some hold
-        x = torch.stack([torch.as_tensor(d["image"]) for d in data])
-        y = torch.stack([torch.as_tensor(d["label"]) for d in data])
-        opt = torch.optim.Adam(net.parameters(), 1e-2)
-        for _ in range(40):
-            opt.zero_grad()
-            loss(net(x), y).mean().backward()
-            opt.step()
+    if tau is None:  # pre-train, then put the Dice threshold at a low quantile of clean Dice: some fall, some hold
+        x, y = stack(data)
+        pretrain(net, data, loss)
         with torch.no_grad():
             tau = float(DiceCriterion(0.0).dice(net.eval()(x), y).quantile(quantile))
     handler = MarginHandler(n, delta=delta, max_margin=max_margin, output_dir=tmp_path)
