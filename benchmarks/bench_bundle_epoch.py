@@ -58,7 +58,11 @@ def main():
             if r > 0:  # the first epoch warms up
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({"bundle": args.bundle, "overrides": overrides, "epoch_s": med, "amat/sat": med["AMAT"] / med["SAT"]}))
+    print(
+        json.dumps(
+            {"bundle": args.bundle, "overrides": overrides, "epoch_s": med, "amat/sat": med["AMAT"] / med["SAT"]}
+        )
+    )
 
 
 if __name__ == "__main__":

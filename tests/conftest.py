@@ -29,7 +29,9 @@ def small_unet(dims: int = 2, out_channels: int = 2, norm: str = "batch") -> UNe
 
 def stack(data: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and labels of a datalist as two batch tensors."""
-    return torch.stack([torch.as_tensor(d["image"]) for d in data]), torch.stack([torch.as_tensor(d["label"]) for d in data])
+    return torch.stack([torch.as_tensor(d["image"]) for d in data]), torch.stack(
+        [torch.as_tensor(d["label"]) for d in data]
+    )
 
 
 def pretrain(net: torch.nn.Module, data: list[dict], loss, steps: int = 40) -> torch.nn.Module:

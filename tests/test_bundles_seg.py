@@ -196,3 +196,24 @@ def test_mlflow_tracking(tmp_path):
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and "train_loss" in runs[0].data.metrics
+
+
+def test_resume_extends_a_run_and_refuses_a_foreign_checkpoint(tmp_path):
+    bundle = "msd_hippocampus_seg_amat"
+    out = tmp_path / "amat"
+    run(config_file=configs(bundle, "train"), output_dir=str(out), **tiny(tmp_path))
+    first = (out / "margins.csv").read_text().splitlines()
+    run(config_file=configs(bundle, "train"), output_dir=str(out), resume=True, **tiny(tmp_path, epochs=2))
+    rows = (out / "margins.csv").read_text().splitlines()
+    assert rows[: len(first)] == first and {r.split(",")[0] for r in rows[1:]} == {"1", "2"}
+    assert len(rows) - 1 == 2 * (len(first) - 1)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
+    with pytest.raises(Exception) as info:  # another data set size: refused, not half-loaded
+        run(
+            config_file=configs(bundle, "train"),
+            output_dir=str(out),
+            resume=True,
+            **tiny(tmp_path, epochs=3, embedded_cases=7),
+        )
+    assert "another bundle or data set" in chain(info)
