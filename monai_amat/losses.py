@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-__all__ = ["PerSampleLoss", "PerSampleDiceCELoss"]
+from monai_amat.transforms.landmarks import split_landmark_output
+
+__all__ = ["PerSampleLoss", "PerSampleDiceCELoss", "PerSampleLandmarkLoss"]
 
 
 class PerSampleLoss(nn.Module):
@@ -96,3 +98,60 @@ class PerSampleDiceCELoss(nn.Module):
         weights = self.deep_supervision_weights or [0.5**k for k in range(len(pred))]
         total = sum(weights[: len(pred)])
         return sum(w * self.single(p, target) for w, p in zip(weights, pred)) / total
+
+
+class PerSampleLandmarkLoss(nn.Module):
+    """Heatmap + offset loss of a landmark network, one value per sample, with its components.
+
+    Components (each ``(B,)``): ``heatmap`` — soft Dice loss of the sigmoid heatmaps (or binary cross-entropy),
+    averaged over landmarks; ``offset_x`` / ``offset_y`` — L1 error of the offset maps inside the true disks.
+    The loss is their sum (offsets weighted by ``lambda_offset``); :py:meth:`components` feeds the loss-threshold
+    criterion and its calibration.
+
+    Args:
+        heatmap: ``"dice"`` or ``"bce"``.
+        lambda_offset: weight of the offset terms.
+        smooth: soft Dice smoothing.
+
+    Raises:
+        ValueError: for an unknown ``heatmap`` loss.
+    """
+
+    def __init__(self, heatmap: str = "dice", lambda_offset: float = 1.0, smooth: float = 1.0) -> None:
+        super().__init__()
+        if heatmap not in ("dice", "bce"):
+            raise ValueError(f"heatmap loss must be 'dice' or 'bce', got {heatmap!r}.")
+        self.heatmap = heatmap
+        self.lambda_offset = lambda_offset
+        self.smooth = smooth
+
+    def components(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample loss components.
+
+        Args:
+            pred: ``(B, 3K, H, W)`` heatmap logits, x-offsets, y-offsets.
+            target: ``(B, 3K, H, W)`` as made by ``LandmarkTargetd``.
+
+        Returns:
+            ``{"heatmap", "offset_x", "offset_y"}``, each ``(B,)``.
+        """
+        heat, off_x, off_y = split_landmark_output(pred)
+        disk, tx, ty = split_landmark_output(target)
+        if self.heatmap == "dice":
+            prob = torch.sigmoid(heat)
+            inter = (prob * disk).flatten(2).sum(2)
+            denom = prob.flatten(2).sum(2) + disk.flatten(2).sum(2)
+            heat_loss = (1 - (2 * inter + self.smooth) / (denom + self.smooth)).mean(1)
+        else:
+            heat_loss = F.binary_cross_entropy_with_logits(heat, disk, reduction="none").flatten(1).mean(1)
+        area = disk.flatten(1).sum(1).clamp_min(1.0)
+        return {
+            "heatmap": heat_loss,
+            "offset_x": ((off_x - tx).abs() * disk).flatten(1).sum(1) / area,
+            "offset_y": ((off_y - ty).abs() * disk).flatten(1).sum(1) / area,
+        }
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` per-sample loss."""
+        c = self.components(pred, target)
+        return c["heatmap"] + self.lambda_offset * (c["offset_x"] + c["offset_y"])

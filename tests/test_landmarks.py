@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from monai_amat.attacks import PGD
+from monai_amat.criteria import LossThresholdCriterion
+from monai_amat.losses import PerSampleLandmarkLoss
+from monai_amat.metrics import LandmarkErrorMetric
+from monai_amat.transforms import LandmarkTargetd, ResizeWithLandmarksd, decode_landmarks, landmark_target
+
+
+def test_target_disks_and_offsets():
+    lm = torch.tensor([[10.0, 5.0], [3.0, 12.0]])
+    t = landmark_target(lm, (20, 16), radius=2.0)
+    assert t.shape == (6, 20, 16)
+    assert t[0, 5, 10] == 1 and t[0, 5, 13] == 0 and t[0, 7, 10] == 1 and t[0, 8, 10] == 0
+    assert t[2, 5, 9] == pytest.approx(0.5) and t[4, 4, 10] == pytest.approx(0.5)  # (landmark - pixel) / r
+    assert torch.all(t[2:4][t[0:2].repeat(1, 1, 1) == 0] == 0)  # offsets vanish outside the disks
+    assert torch.all(t[2:].abs() <= 1)
+
+
+def test_decode_inverts_the_target_at_subpixel_positions():
+    lm = torch.tensor([[10.3, 5.6], [3.2, 12.9], [14.0, 17.5]])
+    t = landmark_target(lm, (20, 16), radius=3.0)
+    logits = torch.cat([(t[:3] * 2 - 1) * 10, t[3:]])[None]  # a perfect network
+    assert torch.allclose(decode_landmarks(logits, radius=3.0)[0], lm, atol=1e-4)
+
+
+def test_resize_scales_landmarks_and_keeps_the_original_size():
+    image = np.zeros((1, 240, 190), dtype=np.float32)
+    lm = np.array([[95.0, 120.0], [0.0, 0.0]], dtype=np.float32)
+    d = ResizeWithLandmarksd("image", spatial_size=(200, 160))({"image": image, "landmarks": lm})
+    assert tuple(d["image"].shape) == (1, 200, 160) and tuple(d["orig_size"]) == (240, 190)
+    assert np.allclose(d["landmarks"][0], [95 * 160 / 190, 120 * 200 / 240])
+    d = LandmarkTargetd(radius_ratio=0.05)(d)
+    assert d["target"].shape == (6, 200, 160) and d["target"][0].sum() > 0
+
+
+def test_loss_components_and_criterion():
+    lm = torch.tensor([[[8.0, 8.0]], [[4.0, 10.0]]])
+    target = torch.stack([landmark_target(x, (16, 16), 3.0) for x in lm])
+    perfect = torch.cat([(target[:, :1] * 2 - 1) * 20, target[:, 1:]], dim=1)
+    loss = PerSampleLandmarkLoss()
+    c = loss.components(perfect, target)
+    assert set(c) == {"heatmap", "offset_x", "offset_y"} and all(v.shape == (2,) for v in c.values())
+    assert torch.all(c["heatmap"] < 0.01) and torch.all(c["offset_x"] < 1e-6)
+    worse = perfect.clone()
+    worse[1, 1] += 0.5  # x offsets of sample 1 off by 0.5 everywhere
+    cw = loss.components(worse, target)
+    assert cw["offset_x"][1] == pytest.approx(0.5) and cw["offset_x"][0] < 1e-6
+    assert loss(worse, target)[1] > loss(worse, target)[0]
+    crit = LossThresholdCriterion(loss.components, {"heatmap": 0.1, "offset_x": 0.1, "offset_y": 0.1})
+    assert crit(worse, target).tolist() == [True, False]
+
+
+def test_attack_raises_the_landmark_loss():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
+    x = torch.randn(2, 1, 16, 16)
+    target = torch.stack([landmark_target(torch.tensor([[8.0, 8.0]]), (16, 16), 3.0)] * 2)
+    loss = PerSampleLandmarkLoss()
+    adv = PGD(loss, steps=5, alpha=5.0, random_start=False)(net, x, target, 2.0)
+    with torch.no_grad():
+        assert torch.all(loss(net(adv), target) > loss(net(x), target))
+
+
+def test_mre_and_sdr():
+    truth = torch.zeros(2, 3, 2)
+    pred = truth.clone()
+    pred[0, 0, 0] = 10  # 1 mm at 0.1 mm per pixel
+    pred[1, 2, 1] = 30  # 3 mm
+    mre, sdr2 = LandmarkErrorMetric(0.1), LandmarkErrorMetric(0.1, sdr_mm=2.0)
+    for m in (mre, sdr2):
+        m(list(pred), list(truth))  # decollated: one (K, 2) per sample
+    assert mre.aggregate().item() == pytest.approx(4 / 6)
+    assert sdr2.aggregate().item() == pytest.approx(5 / 6)
+    assert mre.errors().shape == (2, 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        LandmarkErrorMetric()(torch.zeros(1, 3, 2), torch.zeros(1, 2, 2))
