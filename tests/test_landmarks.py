@@ -6,7 +6,13 @@ from monai_amat.attacks import PGD
 from monai_amat.criteria import LossThresholdCriterion
 from monai_amat.losses import PerSampleLandmarkLoss
 from monai_amat.metrics import LandmarkErrorMetric
-from monai_amat.transforms import LandmarkTargetd, ResizeWithLandmarksd, decode_landmarks, landmark_target
+from monai_amat.transforms import (
+    DecodeLandmarksd,
+    LandmarkTargetd,
+    ResizeWithLandmarksd,
+    decode_landmarks,
+    landmark_target,
+)
 
 
 def test_target_disks_and_offsets():
@@ -77,3 +83,14 @@ def test_mre_and_sdr():
     assert mre.errors().shape == (2, 3)
     with pytest.raises(ValueError, match="differ in shape"):
         LandmarkErrorMetric()(torch.zeros(1, 3, 2), torch.zeros(1, 2, 2))
+
+
+def test_decode_post_transform_maps_back_to_original_pixels():
+    lm = np.array([[95.0, 120.0], [30.0, 200.0]], dtype=np.float32)
+    d = {"image": np.zeros((1, 240, 190), dtype=np.float32), "landmarks": lm, "landmarks_orig": lm.copy()}
+    d = LandmarkTargetd(radius_ratio=0.05)(ResizeWithLandmarksd("image", spatial_size=(200, 160))(d))
+    t = torch.as_tensor(d["target"])
+    d["pred"] = torch.cat([(t[:2] * 2 - 1) * 10, t[2:]])
+    out = DecodeLandmarksd(radius_ratio=0.05)(d)
+    assert torch.allclose(out["pred_landmarks"], torch.as_tensor(lm), atol=1e-3)
+    assert torch.equal(out["true_landmarks"], torch.as_tensor(lm))

@@ -1,4 +1,5 @@
 from monai_amat.transforms.landmarks import (
+    DecodeLandmarksd,
     LandmarkTargetd,
     ResizeWithLandmarksd,
     decode_landmarks,
@@ -6,4 +7,11 @@ from monai_amat.transforms.landmarks import (
     split_landmark_output,
 )
 
-__all__ = ["LandmarkTargetd", "ResizeWithLandmarksd", "decode_landmarks", "landmark_target", "split_landmark_output"]
+__all__ = [
+    "DecodeLandmarksd",
+    "LandmarkTargetd",
+    "ResizeWithLandmarksd",
+    "decode_landmarks",
+    "landmark_target",
+    "split_landmark_output",
+]

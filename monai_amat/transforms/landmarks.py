@@ -16,7 +16,14 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Resize
 
-__all__ = ["ResizeWithLandmarksd", "LandmarkTargetd", "landmark_target", "decode_landmarks", "split_landmark_output"]
+__all__ = [
+    "ResizeWithLandmarksd",
+    "LandmarkTargetd",
+    "DecodeLandmarksd",
+    "landmark_target",
+    "decode_landmarks",
+    "split_landmark_output",
+]
 
 
 def landmark_target(landmarks: torch.Tensor, size: Sequence[int], radius: float) -> torch.Tensor:
@@ -152,4 +159,48 @@ class LandmarkTargetd(MapTransform):
             d[self.target_key] = landmark_target(
                 torch.as_tensor(np.asarray(d[key])), size, self.radius_ratio * max(size)
             )
+        return d
+
+
+class DecodeLandmarksd(MapTransform):
+    """Post-transform: decode a ``(3K, H, W)`` prediction to ``(K, 2)`` x, y in original-image pixels.
+
+    Args:
+        keys: the prediction key.
+        output_key: where to store the decoded landmarks.
+        radius_ratio: the disk radius used in training, as a fraction of the larger side of the network grid.
+        orig_size_key: the original ``(H, W)`` stored by :py:class:`ResizeWithLandmarksd`.
+        truth_key: the true landmarks in original pixels, copied to ``truth_output_key`` when present (so metrics
+            can read both from the engine output).
+        truth_output_key: see ``truth_key``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_key: str = "pred_landmarks",
+        radius_ratio: float = 0.05,
+        orig_size_key: str = "orig_size",
+        truth_key: str = "landmarks_orig",
+        truth_output_key: str = "true_landmarks",
+    ) -> None:
+        super().__init__(keys)
+        self.output_key = output_key
+        self.radius_ratio = radius_ratio
+        self.orig_size_key = orig_size_key
+        self.truth_key = truth_key
+        self.truth_output_key = truth_output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Decode and rescale."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = torch.as_tensor(d[key])
+            size = pred.shape[1:]
+            grid = decode_landmarks(pred[None], self.radius_ratio * max(size))[0]
+            orig = torch.as_tensor(np.asarray(d[self.orig_size_key]), dtype=torch.float32).reshape(-1)
+            scale = torch.stack([orig[1] / size[1], orig[0] / size[0]]).to(grid.device)
+            d[self.output_key] = grid * scale
+        if self.truth_key in d:
+            d[self.truth_output_key] = torch.as_tensor(np.asarray(d[self.truth_key]), dtype=torch.float32)
         return d
