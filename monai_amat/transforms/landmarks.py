@@ -173,6 +173,7 @@ class DecodeLandmarksd(MapTransform):
         truth_key: the true landmarks in original pixels, copied to ``truth_output_key`` when present (so metrics
             can read both from the engine output).
         truth_output_key: see ``truth_key``.
+        allow_missing_keys: skip a missing prediction key (e.g. ``adv_pred`` of a standard trainer).
     """
 
     def __init__(
@@ -183,8 +184,9 @@ class DecodeLandmarksd(MapTransform):
         orig_size_key: str = "orig_size",
         truth_key: str = "landmarks_orig",
         truth_output_key: str = "true_landmarks",
+        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.output_key = output_key
         self.radius_ratio = radius_ratio
         self.orig_size_key = orig_size_key

@@ -1,0 +1,595 @@
+"""ISBI 2015 cephalometric landmark data (400 lateral cephalograms, 19 landmarks, two doctors' annotations).
+
+Reading the real layout into a datalist, the paper's split and a small synthetic stand-in in the real layout.
+Landmarks are ``(x, y)`` = (column, row) pixels; images are 8-bit grayscale BMP with 0.1 mm pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from monai_amat.utils import read_json, write_json
+
+__all__ = [
+    "NUM_LANDMARKS",
+    "PIXEL_SPACING_MM",
+    "ISBI2015_SOURCES",
+    "find_isbi2015_root",
+    "read_annotation",
+    "read_isbi2015_image",
+    "isbi2015_datalist",
+    "isbi2015_split",
+    "make_embedded_isbi2015",
+]
+
+NUM_LANDMARKS = 19
+"""Landmarks per cephalogram."""
+
+PIXEL_SPACING_MM = 0.1
+"""Pixel size of the real images, in mm."""
+
+ISBI2015_SOURCES = (
+    "the ISBI 2015 Grand Challenge in cephalometric landmark detection data set (RawImage/, 400_senior/, "
+    "400_junior/), available from https://figshare.com/s/37ec464af8e81ae6ebbf and the challenge site "
+    "http://www-o.ntust.edu.tw/~cweiwang/ISBI2015/challenge1/; for a small synthetic stand-in in the same layout, "
+    "run monai_amat.data.make_embedded_isbi2015(root_dir)"
+)
+"""Where to get the data, as said in "data not found" errors."""
+
+_DOCTORS = ("senior", "junior")
+
+_IMAGE_SUBDIRS = ("TrainingData", "Test1Data", "Test2Data")
+_SPLIT_RANGES = {"train": (1, 150), "val": (151, 200), "test": (201, 300)}
+_MAX_ID = 400
+_EMBEDDED_NAME = "ISBI2015"
+_EMBEDDED_MARKER = "embedded.json"
+_EMBEDDED_GENERATOR = "monai_amat.data.make_embedded_isbi2015"
+_MIN_SIZE = 32
+
+
+def _image_subdir(case_id: int) -> str:
+    """The ``RawImage`` subfolder of a case in the real layout."""
+    return _IMAGE_SUBDIRS[0] if case_id <= 150 else _IMAGE_SUBDIRS[1] if case_id <= 300 else _IMAGE_SUBDIRS[2]
+
+
+def find_isbi2015_root(dataset_dir: str | os.PathLike) -> Path:
+    """The folder holding ``RawImage/``: ``dataset_dir`` itself or one of its subfolders (a mirror nested one deeper).
+
+    Args:
+        dataset_dir: the data set folder, or the folder holding it.
+
+    Returns:
+        The absolute data set root.
+
+    Raises:
+        FileNotFoundError: when neither ``dataset_dir/RawImage`` nor ``dataset_dir/*/RawImage`` exists; the message
+            lists what was looked for and where to get the data.
+        ValueError: when several subfolders of ``dataset_dir`` hold a ``RawImage/``.
+    """
+    root = Path(dataset_dir).absolute()
+    if (root / "RawImage").is_dir():
+        return root
+    nested = sorted(p.parent for p in root.glob("*/RawImage") if p.is_dir()) if root.is_dir() else []
+    if len(nested) > 1:
+        raise ValueError(f"{root} holds several ISBI 2015 data sets {[str(p) for p in nested]}; pass one of them.")
+    if nested:
+        return nested[0]
+    state = "" if root.is_dir() else " (the folder does not exist)"
+    raise FileNotFoundError(
+        f"no ISBI 2015 data set found in {root}{state}: looked for {root / 'RawImage'} and {root / '*' / 'RawImage'}. "
+        f"Get {ISBI2015_SOURCES}."
+    )
+
+
+def read_annotation(path: str | os.PathLike, num_landmarks: int = NUM_LANDMARKS) -> np.ndarray:
+    """Read one doctor's annotation file: the first ``num_landmarks`` lines are ``x,y`` pixels; later lines are ignored.
+
+    Spaces around the comma, Windows line ends and a byte-order mark are tolerated.
+
+    Args:
+        path: the ``NNN.txt`` file.
+        num_landmarks: the number of landmark lines.
+
+    Returns:
+        ``(num_landmarks, 2)`` float64 x, y in pixels.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when the file holds fewer than ``num_landmarks`` lines (the message gives the count), or one of
+            the first ``num_landmarks`` lines is not two finite numbers separated by a comma (the message gives the
+            line number and text).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such annotation file.")
+    lines = path.read_text(encoding="utf-8-sig", errors="replace").rstrip().splitlines()
+    if len(lines) < num_landmarks:
+        raise ValueError(f"{path}: holds {len(lines)} point line(s), fewer than the {num_landmarks} landmarks needed.")
+    points = np.empty((num_landmarks, 2))
+    for i, line in enumerate(lines[:num_landmarks]):
+        parts = line.split(",")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            points[i] = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{path}, line {i + 1}: expected 'x,y' in pixels, got {line.strip()!r}.") from None
+        if not np.isfinite(points[i]).all():
+            raise ValueError(f"{path}, line {i + 1}: expected finite 'x,y' in pixels, got {line.strip()!r}.")
+    return points
+
+
+def read_isbi2015_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a cephalogram as a 2D 8-bit grayscale array.
+
+    Accepts 8-bit grayscale BMP (the real data) and 24-bit RGB BMP with equal channels (as some mirrors store them);
+    other colour images are converted to grayscale with Pillow's ``convert("L")``.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        ``(height, width)`` uint8.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when Pillow cannot read the file as an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file.")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}).") from e
+
+
+def _annotation_dir(root: Path, doctor: str) -> tuple[Path | None, list[Path]]:
+    """A doctor's annotation folder (``400_<doctor>`` or ``AnnotationsByMD/400_<doctor>``), and the paths tried."""
+    tried = [root / f"400_{doctor}", root / "AnnotationsByMD" / f"400_{doctor}"]
+    return next((p for p in tried if p.is_dir()), None), tried
+
+
+def _default_ids(root: Path) -> list[int]:
+    """All 400 ids, or the ids of a synthetic set from :py:func:`make_embedded_isbi2015`."""
+    marker = root / _EMBEDDED_MARKER
+    if marker.is_file():
+        meta = read_json(marker)
+        if meta.get("generator") == _EMBEDDED_GENERATOR and isinstance(meta.get("ids"), list):
+            return [int(i) for i in meta["ids"]]
+    return list(range(1, _MAX_ID + 1))
+
+
+def _find_image(root: Path, case_id: int) -> Path | None:
+    """The image of a case: in its real-layout subfolder, else in another ``RawImage`` subfolder."""
+    expected = _image_subdir(case_id)
+    for subdir in (expected, *(s for s in _IMAGE_SUBDIRS if s != expected)):
+        path = root / "RawImage" / subdir / f"{case_id:03d}.bmp"
+        if path.is_file():
+            return path
+    return None
+
+
+def isbi2015_datalist(
+    dataset_dir: str | os.PathLike, ids: Iterable[int] | None = None, use_doctors: str = "both"
+) -> list[dict[str, Any]]:
+    """The ISBI 2015 cases as a MONAI-style datalist, with the doctors' landmarks.
+
+    Both the real layout (``RawImage/TrainingData/001.bmp``, ..., ``400_senior/001.txt``, ``400_junior/001.txt``)
+    and its variants (annotations under ``AnnotationsByMD/``, the data set nested one folder deeper) are read.
+    An image is looked for in its real-layout ``RawImage`` subfolder first (ids 1-150 ``TrainingData``, 151-300
+    ``Test1Data``, above ``Test2Data``), then in the other two.
+
+    Args:
+        dataset_dir: the data set folder (see :py:func:`find_isbi2015_root`).
+        ids: the case ids to list, in that order; defaults to all 400 ids (for a synthetic set made by
+            :py:func:`make_embedded_isbi2015`: the ids it holds).
+        use_doctors: ``"both"`` (the ground truth is the mean of the two doctors' points), ``"senior"`` or
+            ``"junior"`` (that doctor's points; only that doctor's files are needed).
+
+    Returns:
+        One dict per id: ``{"image": absolute path of the BMP, "landmarks": (19, 2) float32 x, y pixels, "id": int,
+        "spacing": PIXEL_SPACING_MM}``.
+
+    Raises:
+        ValueError: when ``use_doctors`` is not one of the three choices, an id is not a positive integer or repeats,
+            or an annotation file is malformed (see :py:func:`read_annotation`).
+        FileNotFoundError: when the data set is not found, or images or annotation files (or a doctor's whole
+            annotation folder) are missing: the message lists all of them and, with ``use_doctors="both"`` and
+            missing annotations, says how to use one doctor only.
+    """
+    if use_doctors not in ("both", *_DOCTORS):
+        raise ValueError(f"use_doctors must be 'both', 'senior' or 'junior', got {use_doctors!r}.")
+    root = find_isbi2015_root(dataset_dir)
+    ids = _default_ids(root) if ids is None else [int(i) for i in ids]
+    if any(i < 1 for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"ids must be distinct positive integers, got {ids}.")
+    doctors = _DOCTORS if use_doctors == "both" else (use_doctors,)
+    missing, annotations_missing = [], False
+    folders = {}
+    for doctor in doctors:
+        folder, tried = _annotation_dir(root, doctor)
+        if folder is None:
+            missing.append(f"{tried[0]}/ (the {doctor} doctor's annotation folder; also looked for {tried[1]}/)")
+            annotations_missing = True
+        folders[doctor] = folder
+    items = []
+    for case_id in ids:
+        image = _find_image(root, case_id)
+        if image is None:
+            missing.append(str(root / "RawImage" / _image_subdir(case_id) / f"{case_id:03d}.bmp"))
+        files = [folders[d] / f"{case_id:03d}.txt" for d in doctors if folders[d] is not None]
+        absent = [str(f) for f in files if not f.is_file()]
+        missing += absent
+        annotations_missing |= bool(absent)
+        if image is None or absent or len(files) < len(doctors):
+            continue
+        landmarks = np.mean([read_annotation(f) for f in files], axis=0).astype(np.float32)
+        items.append({"image": str(image), "landmarks": landmarks, "id": case_id, "spacing": PIXEL_SPACING_MM})
+    if missing:
+        listed = "\n  ".join(missing)
+        hint = ""
+        if annotations_missing and use_doctors == "both":
+            hint = "\nTo use one doctor's annotations only, set use_doctors='senior' or use_doctors='junior'."
+        raise FileNotFoundError(f"ISBI 2015 data set {root}: {len(missing)} missing file(s):\n  {listed}{hint}")
+    return items
+
+
+def isbi2015_split(datalist: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """The paper's split by case id: train 1-150, validation 151-200, test 201-300 (ids above 300 go nowhere).
+
+    When one of the three ranges holds no item (e.g. a small synthetic set), a warning is issued and the items are
+    split by position instead: the last ``max(1, round(0.2 * n))`` items are the test set, the ones before them
+    (as many) the validation set, the rest the training set (12 items: 8 / 2 / 2; 3 items: 1 / 1 / 1). With 2 items:
+    train 1, test 1; with 1 item: train 1.
+
+    Args:
+        datalist: items with an integer ``"id"``, as from :py:func:`isbi2015_datalist`.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}`` holding the items themselves.
+
+    Raises:
+        ValueError: when ``datalist`` is empty or an item has no ``"id"``.
+    """
+    if not datalist:
+        raise ValueError("isbi2015_split: no items to split.")
+    for i, item in enumerate(datalist):
+        if "id" not in item:
+            raise ValueError(f"isbi2015_split: item {i} has no 'id' (keys: {sorted(item)}).")
+    split = {
+        name: [item for item in datalist if lo <= int(item["id"]) <= hi] for name, (lo, hi) in _SPLIT_RANGES.items()
+    }
+    if all(split.values()):
+        return split
+    n = len(datalist)
+    empty = [name for name, items in split.items() if not items]
+    num_held = max(1, round(0.2 * n)) if n >= 3 else 0
+    num_test = num_held if n >= 3 else n - 1
+    warnings.warn(
+        f"isbi2015_split: the paper's id ranges leave {empty} empty for these {n} item(s); "
+        f"splitting by position instead: {n - num_held - num_test} / {num_held} / {num_test}.",
+        stacklevel=2,
+    )
+    items = list(datalist)
+    cut = n - num_held - num_test
+    return {"train": items[:cut], "val": items[cut : cut + num_held], "test": items[cut + num_held :]}
+
+
+# The synthetic skull, drawn in the frame of a real 1935 x 2400 image (x right, y down, face to the right).
+_FRAME = np.array([1935.0, 2400.0])
+
+_LANDMARKS = np.array(
+    [
+        [800, 1000],  # 1 sella: the centre of the sella turcica
+        [1390, 900],  # 2 nasion: front of the frontonasal suture
+        [1280, 1140],  # 3 orbitale: lowest point of the orbit rim
+        [620, 1130],  # 4 porion: top of the ear canal
+        [1385, 1490],  # 5 subspinale (A point)
+        [1345, 1800],  # 6 supramentale (B point)
+        [1360, 1930],  # 7 pogonion: most anterior point of the bony chin
+        [1290, 2010],  # 8 menton: lowest point of the chin
+        [1335, 1985],  # 9 gnathion
+        [760, 1720],  # 10 gonion: angle of the mandible
+        [1395, 1625],  # 11 lower incisal incision
+        [1420, 1640],  # 12 upper incisal incision
+        [1545, 1580],  # 13 upper lip
+        [1525, 1745],  # 14 lower lip
+        [1500, 1450],  # 15 subnasale
+        [1450, 1985],  # 16 soft tissue pogonion
+        [900, 1440],  # 17 posterior nasal spine
+        [1440, 1420],  # 18 anterior nasal spine
+        [700, 1290],  # 19 articulare
+    ],
+    dtype=float,
+)
+
+_SOFT_TISSUE_VALUE, _BRAIN_VALUE, _BACKGROUND_VALUE = 0.3, 0.4, 0.06
+
+
+def _ellipse(center: np.ndarray, radii: Sequence[float], start: float = 0.0, stop: float = 2 * np.pi) -> np.ndarray:
+    """Points on an ellipse arc (angles in radians, y down), 48 per full turn."""
+    num = max(int(48 * abs(stop - start) / (2 * np.pi)), 4)
+    t = np.linspace(start, stop, num, endpoint=abs(stop - start) < 2 * np.pi)
+    return np.asarray(center, dtype=float) + np.stack([radii[0] * np.cos(t), radii[1] * np.sin(t)], -1)
+
+
+def _skull_shapes(lm: np.ndarray) -> list[tuple[str, float, np.ndarray]]:
+    """The drawing, in painting order, as ``(kind, intensity, points)`` in the real-image frame.
+
+    ``kind`` is ``"fill"`` (a filled polygon) or ``"line"`` (a thick closed or open polyline; a ``"ring"`` is
+    closed). The landmarks ``lm`` (19, 2) are vertices of the shapes (or centres, for the sella), so they move with
+    them.
+    """
+    p = [np.asarray(q, dtype=float) for q in lm]
+    cranium = np.concatenate(
+        [
+            [p[1]],
+            _ellipse(np.array([830.0, 820.0]), (560, 600), -0.18, -np.pi - 0.55),
+            [[420, 1230], [560, 1180], [700, 1170], [800, 1090], [1000, 1040], [1200, 980]],
+        ]
+    )
+    brain_center = cranium.mean(0)
+    shapes: list[tuple[str, float, np.ndarray]] = [
+        (
+            "fill",
+            _SOFT_TISSUE_VALUE,
+            np.array(
+                [
+                    [1330, 230],
+                    [1440, 450],
+                    [1470, 680],
+                    p[1] + [65, 10],
+                    [1560, 1120],
+                    [1665, 1330],
+                    [1620, 1420],
+                    p[14],
+                    [1525, 1500],
+                    p[12],
+                    [1500, 1655],
+                    p[13],
+                    [1460, 1860],
+                    p[15],
+                    [1420, 2070],
+                    [1300, 2130],
+                    [1120, 2160],
+                    [1080, 2600],
+                    [250, 2600],
+                    [230, 1800],
+                    [130, 1300],
+                    [120, 900],
+                    [250, 450],
+                    [600, 200],
+                    [1000, 130],
+                ]
+            ),
+        ),
+        *[
+            ("fill", 0.62, np.array([[480, y], [650, y + 10], [640, y + 130], [470, y + 120]]))
+            for y in (1660, 1830, 2000)
+        ],
+        ("fill", 0.85, cranium),
+        ("fill", _BRAIN_VALUE, brain_center + 0.9 * (cranium - brain_center)),
+        ("line", 0.75, np.array([[330, 1200], [560, 1200], p[3] + [60, 30], [760, 1080], p[0] + [60, 40], p[1]])),
+        ("fill", 0.9, _ellipse(p[0], (70, 60))),
+        ("fill", 0.22, _ellipse(p[0] + [0, -20], (48, 50), 0, np.pi)),
+        ("ring", 0.7, _ellipse(p[2] - [0, 100], (110, 100), np.pi / 2, np.pi / 2 + 2 * np.pi)),
+        ("fill", 0.85, _ellipse(p[3] + [0, 40], (62, 62))),
+        ("fill", 0.12, _ellipse(p[3] + [0, 40], (40, 40))),
+        ("line", 0.75, np.array([p[1], [1450, 1040], [1500, 1180]])),
+        ("fill", 0.72, np.array([p[16], [1100, 1400], p[17], p[4], [1400, 1560], [1300, 1600], [1000, 1570]])),
+        *[("fill", 0.9, np.array([[x, 1570], [x + 70, 1570], [x + 65, 1650], [x + 5, 1650]])) for x in (1000, 1090)],
+        (
+            "fill",
+            0.75,
+            np.array(
+                [
+                    p[18],
+                    [720, 1230],
+                    [790, 1240],
+                    [840, 1330],
+                    [900, 1290],
+                    [930, 1420],
+                    [950, 1600],
+                    [1250, 1690],
+                    [1375, 1700],
+                    p[5],
+                    p[6],
+                    p[8],
+                    p[7],
+                    [1100, 1950],
+                    [900, 1830],
+                    p[9],
+                    [710, 1500],
+                ]
+            ),
+        ),
+        *[("fill", 0.9, np.array([[x, 1665], [x + 70, 1665], [x + 65, 1730], [x + 5, 1730]])) for x in (1000, 1090)],
+        ("fill", 0.95, np.array([[1300, 1790], [1360, 1790], p[10] + [12, 10], p[10], p[10] + [-15, 12]])),
+        ("fill", 0.97, np.array([[1345, 1470], [1405, 1480], p[11] + [8, -15], p[11], p[11] + [-22, -10]])),
+    ]
+    return shapes
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
+    """Gaussian-smoothed white noise (periodic, via FFT), zero mean, unit standard deviation."""
+    fy, fx = np.meshgrid(np.fft.fftfreq(shape[0]), np.fft.rfftfreq(shape[1]), indexing="ij")
+    kernel = np.exp(-2.0 * (np.pi * sigma_px) ** 2 * (fx**2 + fy**2))
+    out = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(shape)) * kernel, s=shape)
+    out -= out.mean()
+    return out / max(float(out.std()), 1e-12)
+
+
+def _similarity(rng: np.random.Generator, size: tuple[int, int], frame_points: np.ndarray) -> np.ndarray:
+    """A random similarity transform (rotation +-8 deg, scale 0.9-1.1, translation) in pixels of ``size``.
+
+    The translation (up to 5% of the size) is drawn among those keeping ``frame_points`` at least 2 pixels inside
+    the image, so no landmark leaves it.
+
+    Returns:
+        ``(2, 3)`` matrix mapping real-frame points ``[x, y, 1]`` to pixels.
+    """
+    w, h = size
+    angle = np.deg2rad(rng.uniform(-8.0, 8.0))
+    scale = rng.uniform(0.9, 1.1)
+    to_pixels = np.diag(np.asarray(size, dtype=float) / _FRAME)
+    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    center = np.array([w - 1, h - 1]) / 2.0
+    linear = rotation @ to_pixels
+    offset = center - rotation @ center
+    moved = frame_points @ linear.T + offset
+    margin = 2.0
+    shift = np.empty(2)
+    for axis, length in enumerate(size):
+        lo = margin - moved[:, axis].min()
+        hi = length - 1 - margin - moved[:, axis].max()
+        lo, hi = max(lo, -0.05 * length), min(hi, 0.05 * length)
+        shift[axis] = rng.uniform(lo, hi) if lo <= hi else (lo + hi) / 2.0
+    return np.concatenate([linear, (offset + shift)[:, None]], axis=1)
+
+
+def _draw_mask(kind: str, points: np.ndarray, size: tuple[int, int], width: int, blur: float) -> np.ndarray:
+    """A shape's soft mask in ``[0, 1]``, ``(height, width)``."""
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    xy = [tuple(q) for q in points.tolist()]
+    if kind == "fill":
+        draw.polygon(xy, fill=255)
+    else:
+        draw.line(xy + xy[:1] if kind == "ring" else xy, fill=255, width=width, joint="curve")
+    return np.asarray(mask.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float64) / 255.0
+
+
+def _embedded_case(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic cephalogram: ``(height, width)`` uint8 image and ``(19, 2)`` x, y landmarks in pixels."""
+    w, h = size
+    landmarks = _LANDMARKS + np.clip(rng.normal(0.0, 12.0, _LANDMARKS.shape), -30.0, 30.0)
+    matrix = _similarity(rng, size, landmarks)
+    line_width = max(1, round(0.015 * h))
+    blur = max(0.5, 0.002 * h)
+    image = np.full((h, w), _BACKGROUND_VALUE)
+    texture = _smooth_noise(rng, (h, w), 0.01 * h)
+    for kind, value, points in _skull_shapes(landmarks):
+        pixels = points @ matrix[:, :2].T + matrix[:, 2]
+        mask = _draw_mask(kind, pixels, size, line_width, blur)
+        shade = value * (1.0 + 0.08 * texture) if value > _BRAIN_VALUE else value
+        image = image * (1.0 - mask) + shade * mask
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    direction = rng.normal(size=2)
+    gradient = (direction[0] * yy + direction[1] * xx) / np.linalg.norm(direction)
+    image += 0.08 * (gradient - gradient.mean()) + 0.03 * _smooth_noise(rng, (h, w), 0.03 * h)
+    image += 0.025 * rng.standard_normal((h, w))
+    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), landmarks @ matrix[:, :2].T + matrix[:, 2]
+
+
+def _write_annotation(path: Path, points: np.ndarray, extra: Sequence[int]) -> None:
+    """Write integer ``x,y`` lines and extra non-landmark lines, with Windows line ends as the real files."""
+    lines = [f"{x},{y}" for x, y in points.tolist()] + [str(v) for v in extra]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+
+
+def make_embedded_isbi2015(
+    root_dir: str | os.PathLike, num_images: int = 12, seed: int = 0, size: tuple[int, int] = (160, 200)
+) -> Path:
+    """Generate a small deterministic synthetic data set in the real ISBI 2015 layout.
+
+    Writes ``root_dir/ISBI2015/RawImage/TrainingData/001.bmp``, ... (8-bit grayscale BMP; ids above 150 go to
+    ``Test1Data`` and above 300 to ``Test2Data``, as in the real layout), ``400_senior/NNN.txt`` and
+    ``400_junior/NNN.txt`` (19 integer ``x,y`` lines plus two non-landmark lines, Windows line ends) and a marker
+    ``embedded.json`` recording the parameters. Each image is an X-ray-like lateral skull facing right: bright bone
+    (cranium, skull base, sella turcica, orbit, ear canal rim, maxilla, mandible, teeth, vertebrae), grey soft tissue
+    with nose, lips and chin, dark background, texture, noise and a smooth intensity gradient. The 19 landmarks are
+    defined points of the drawing (the sella centre, vertices of the bone and soft-tissue outlines, the lowest point
+    of the orbit, the top of the ear canal, the incisor tips) and move with it: per image a small per-landmark shape
+    variation, then a random similarity transform (rotation +-8 degrees, scale 0.9-1.1, translation) that keeps every
+    landmark inside the image. The senior's points are the rounded landmarks; the junior's differ by up to 2 pixels.
+
+    The set is written into a temporary folder beside ``root_dir/ISBI2015`` and renamed at the end. When the marker
+    records the same parameters nothing is written; an older synthetic set is replaced.
+
+    Args:
+        root_dir: the folder to write ``ISBI2015`` into.
+        num_images: the number of cases (ids ``1..num_images``), at most 400.
+        seed: the generation seed; case ``i`` depends only on ``(seed, size, i)``.
+        size: ``(width, height)`` of the images, each at least 32.
+
+    Returns:
+        ``root_dir/ISBI2015``, the folder to pass as ``dataset_dir``.
+
+    Raises:
+        ValueError: when ``num_images`` is not in ``[1, 400]`` or ``size`` is not two sizes >= 32.
+        FileExistsError: when ``root_dir/ISBI2015`` exists and is not a synthetic set made by this function.
+    """
+    if not 1 <= num_images <= _MAX_ID:
+        raise ValueError(f"make_embedded_isbi2015: num_images must be in [1, {_MAX_ID}], got {num_images}.")
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < _MIN_SIZE:
+        raise ValueError(f"make_embedded_isbi2015: size must be (width, height), each >= {_MIN_SIZE}, got {size}.")
+    root_dir = Path(root_dir)
+    out_dir = root_dir / _EMBEDDED_NAME
+    ids = list(range(1, num_images + 1))
+    meta = {"generator": _EMBEDDED_GENERATOR, "num_images": num_images, "seed": seed, "size": list(size), "ids": ids}
+    if _embedded_meta(out_dir) == meta:
+        return out_dir
+    if out_dir.exists() and _embedded_meta(out_dir) is None:
+        raise FileExistsError(
+            f"{out_dir} exists and is not a synthetic set from make_embedded_isbi2015; not replacing it."
+        )
+    root_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_EMBEDDED_NAME}.", suffix=".partial", dir=root_dir))
+    try:
+        for folder in (*(f"RawImage/{s}" for s in _IMAGE_SUBDIRS), *(f"400_{d}" for d in _DOCTORS)):
+            (tmp / folder).mkdir(parents=True)
+        for case_id in ids:
+            rng = np.random.default_rng([seed, *size, case_id])
+            image, landmarks = _embedded_case(rng, size)
+            Image.fromarray(image, mode="L").save(tmp / "RawImage" / _image_subdir(case_id) / f"{case_id:03d}.bmp")
+            bounds = np.array(size) - 1
+            senior = np.clip(np.rint(landmarks), 0, bounds).astype(int)
+            junior = np.clip(senior + rng.integers(-2, 3, senior.shape), 0, bounds)
+            extra = rng.integers(1, 4, 2).tolist()
+            _write_annotation(tmp / "400_senior" / f"{case_id:03d}.txt", senior, extra)
+            _write_annotation(tmp / "400_junior" / f"{case_id:03d}.txt", junior, extra)
+        write_json(tmp / _EMBEDDED_MARKER, meta)
+        _move_into_place(tmp, out_dir, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _embedded_meta(out_dir: Path) -> dict | None:
+    """The marker of a synthetic set in ``out_dir``, or ``None`` when there is none."""
+    marker = out_dir / _EMBEDDED_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        meta = read_json(marker)
+    except ValueError:
+        return None
+    return meta if meta.get("generator") == _EMBEDDED_GENERATOR else None
+
+
+def _move_into_place(tmp: Path, out_dir: Path, meta: dict) -> None:
+    """Rename the freshly written ``tmp`` to ``out_dir``, replacing an older synthetic set.
+
+    A concurrent writer (e.g. another rank) that got there first with the same set wins; ``tmp`` is then dropped.
+    """
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.replace(out_dir, old)
+        shutil.rmtree(old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if _embedded_meta(out_dir) != meta:
+            raise
