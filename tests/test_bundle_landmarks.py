@@ -109,6 +109,7 @@ def test_real_layout_nested_and_one_doctor(tmp_path):
     with pytest.raises(Exception) as info:
         run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **common)
     assert "use_doctors" in chain(info) and "400_junior" in chain(info)
-    run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), use_doctors="senior", **common)
+    with pytest.warns(UserWarning, match="senior doctor's landmarks only"):
+        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), use_doctors="senior", **common)
     with open(tmp_path / "o" / "margins.csv") as f:
         assert len(list(csv.DictReader(f))) == 150  # the paper's training ids 1-150

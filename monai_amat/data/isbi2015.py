@@ -215,6 +215,12 @@ def isbi2015_datalist(
     if any(i < 1 for i in ids) or len(set(ids)) != len(ids):
         raise ValueError(f"ids must be distinct positive integers, got {ids}.")
     doctors = _DOCTORS if use_doctors == "both" else (use_doctors,)
+    if use_doctors != "both":
+        warnings.warn(
+            f"ISBI 2015: using the {use_doctors} doctor's landmarks only; the paper's ground truth is the mean of "
+            "both doctors.",
+            stacklevel=2,
+        )
     missing, annotations_missing = [], False
     folders = {}
     for doctor in doctors:
