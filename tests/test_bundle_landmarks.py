@@ -12,22 +12,13 @@ from monai.bundle import run
 
 from monai_amat.data.isbi2015 import make_embedded_isbi2015
 from tests.test_bundles_seg import ROOT, chain, configs
+from tests.test_bundles_seg import tiny as seg_tiny
 
 BUNDLE = "isbi2015_ceph_landmark_amat"
 
 
 def tiny(tmp_path, **extra):
-    return {
-        "embedded_dir": str(tmp_path / "data"),
-        "embedded_cases": 6,
-        "epochs": 1,
-        "train_attack_steps": 2,
-        "attack_steps": 2,
-        "batch_size": 2,
-        "spatial_size": [40, 32],
-        "thresholds_file": str(tmp_path / "thresholds.json"),
-        **extra,
-    }
+    return seg_tiny(tmp_path, **{"batch_size": 2, "spatial_size": [40, 32], **extra})
 
 
 def test_landmark_bundle_all_configs(tmp_path):

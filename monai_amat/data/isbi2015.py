@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from monai_amat.data.utils import move_into_place
 from monai_amat.utils import read_json, write_json
 
 __all__ = [
@@ -567,7 +568,7 @@ def make_embedded_isbi2015(
             _write_annotation(tmp / "400_senior" / f"{case_id:03d}.txt", senior, extra)
             _write_annotation(tmp / "400_junior" / f"{case_id:03d}.txt", junior, extra)
         write_json(tmp / _EMBEDDED_MARKER, meta)
-        _move_into_place(tmp, out_dir, meta)
+        move_into_place(tmp, out_dir, lambda: _embedded_meta(out_dir) == meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -583,19 +584,3 @@ def _embedded_meta(out_dir: Path) -> dict | None:
     except ValueError:
         return None
     return meta if meta.get("generator") == _EMBEDDED_GENERATOR else None
-
-
-def _move_into_place(tmp: Path, out_dir: Path, meta: dict) -> None:
-    """Rename the freshly written ``tmp`` to ``out_dir``, replacing an older synthetic set.
-
-    A concurrent writer (e.g. another rank) that got there first with the same set wins; ``tmp`` is then dropped.
-    """
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, old)
-        shutil.rmtree(old)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if _embedded_meta(out_dir) != meta:
-            raise

@@ -20,6 +20,7 @@ import numpy as np
 from monai.apps import DecathlonDataset, download_url, extractall
 from monai.utils import optional_import
 
+from monai_amat.data.utils import move_into_place
 from monai_amat.utils import read_json, write_json
 
 __all__ = ["MSD_TASKS", "MSDDataset", "prepare_msd", "read_msd", "check_case", "split_cases", "make_embedded_msd"]
@@ -453,7 +454,7 @@ def make_embedded_msd(
             "test": [],
         }
         write_json(tmp / "dataset.json", meta)
-        _move_into_place(tmp, task_dir, num_cases, description)
+        move_into_place(tmp, task_dir, lambda: _is_same_embedded(task_dir, num_cases, description))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return task_dir
@@ -472,19 +473,3 @@ def _is_same_embedded(task_dir: Path, num_cases: int, description: str) -> bool:
         return False
     meta = read_json(json_path)
     return meta.get("numTraining") == num_cases and meta.get("description") == description
-
-
-def _move_into_place(tmp: Path, task_dir: Path, num_cases: int, description: str) -> None:
-    """Rename the freshly written ``tmp`` to ``task_dir``, replacing an older synthetic set.
-
-    A concurrent writer (e.g. another rank) that got there first with the same set wins; ``tmp`` is then dropped.
-    """
-    if task_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{task_dir.name}.", suffix=".old", dir=task_dir.parent))
-        os.replace(task_dir, old)
-        shutil.rmtree(old)
-    try:
-        os.rename(tmp, task_dir)
-    except OSError:
-        if not _is_same_embedded(task_dir, num_cases, description):
-            raise
