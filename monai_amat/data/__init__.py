@@ -1,3 +1,12 @@
+from monai_amat.data.bccd import (
+    BCCD_CLASSES,
+    BCCD_SOURCES,
+    BCCD_SPLITS,
+    bccd_datalist,
+    find_bccd_root,
+    make_embedded_bccd,
+    read_voc_annotation,
+)
 from monai_amat.data.isbi2015 import (
     ISBI2015_SOURCES,
     NUM_LANDMARKS,
@@ -38,4 +47,11 @@ __all__ = [
     "make_embedded_isbi2015",
     "read_annotation",
     "read_isbi2015_image",
+    "BCCD_CLASSES",
+    "BCCD_SOURCES",
+    "BCCD_SPLITS",
+    "bccd_datalist",
+    "find_bccd_root",
+    "make_embedded_bccd",
+    "read_voc_annotation",
 ]

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from monai_amat.data.isbi2015 import _smooth_noise
-from monai_amat.data.utils import move_into_place
+from monai_amat.data.utils import move_into_place, smooth_noise
 from monai_amat.utils import read_json, write_json
 
 __all__ = [
@@ -212,7 +211,8 @@ def read_voc_annotation(
     if not keep.all():
         listed = "; ".join(f"object {k} ({names[k]}) {_box_text(raw[k])}" for k in np.flatnonzero(~keep))
         warnings.warn(
-            f"{xml_path}: dropped {int((~keep).sum())} box(es) of zero or negative area inside the image: {listed}.",
+            f"{xml_path}: dropped {int((~keep).sum())} box(es) of zero or negative area (after clipping to the "
+            f"image): {listed}.",
             stacklevel=2,
         )
     return {
@@ -389,7 +389,7 @@ def _paint(image: np.ndarray, cell: _Cell, grain: np.ndarray, rng: np.random.Gen
         rim = np.exp(-(((rho - 0.88) / 0.1) ** 2))[..., None]
         colour = body + 0.8 * pallor * (pale - body) - 16.0 * rim + 5.0 * texture
     elif cell.name == "WBC":
-        cytoplasm = np.array([200.0, 178.0, 216.0]) + rng.normal(0.0, 5.0, 3) + 6.0 * texture
+        cytoplasm = np.array([190.0, 162.0, 212.0]) + rng.normal(0.0, 5.0, 3) + 6.0 * texture
         nucleus_colour = np.array([92.0, 48.0, 138.0]) + rng.normal(0.0, 6.0, 3) + 14.0 * texture
         nucleus = np.zeros_like(rho)
         for _ in range(int(rng.integers(2, 5))):
@@ -417,8 +417,8 @@ def _embedded_image(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Im
     _place(rng, cells, "RBC", int(rng.integers(12, 20)), scale, size)
 
     base = np.array([230.0, 210.0, 222.0]) + rng.normal(0.0, 4.0, 3)
-    coarse = _smooth_noise(rng, (h, w), 0.06 * h)
-    grain = _smooth_noise(rng, (h, w), max(1.5 * scale, 0.7))
+    coarse = smooth_noise(rng, (h, w), 0.06 * h)
+    grain = smooth_noise(rng, (h, w), max(1.5 * scale, 0.7))
     image = base + coarse[..., None] * np.array([5.0, 7.0, 4.0]) + 2.0 * grain[..., None]
     objects = []
     for name in ("RBC", "WBC", "Platelets"):  # painting order: platelets and WBCs lie on top

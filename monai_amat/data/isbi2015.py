@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from monai_amat.data.utils import move_into_place
+from monai_amat.data.utils import move_into_place, smooth_noise
 from monai_amat.utils import read_json, write_json
 
 __all__ = [
@@ -428,15 +428,6 @@ def _skull_shapes(lm: np.ndarray) -> list[tuple[str, float, np.ndarray]]:
     return shapes
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
-    """Gaussian-smoothed white noise (periodic, via FFT), zero mean, unit standard deviation."""
-    fy, fx = np.meshgrid(np.fft.fftfreq(shape[0]), np.fft.rfftfreq(shape[1]), indexing="ij")
-    kernel = np.exp(-2.0 * (np.pi * sigma_px) ** 2 * (fx**2 + fy**2))
-    out = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(shape)) * kernel, s=shape)
-    out -= out.mean()
-    return out / max(float(out.std()), 1e-12)
-
-
 def _similarity(rng: np.random.Generator, size: tuple[int, int], frame_points: np.ndarray) -> np.ndarray:
     """A random similarity transform (rotation +-8 deg, scale 0.9-1.1, translation) in pixels of ``size``.
 
@@ -485,7 +476,7 @@ def _embedded_case(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.
     line_width = max(1, round(0.015 * h))
     blur = max(0.5, 0.002 * h)
     image = np.full((h, w), _BACKGROUND_VALUE)
-    texture = _smooth_noise(rng, (h, w), 0.01 * h)
+    texture = smooth_noise(rng, (h, w), 0.01 * h)
     for kind, value, points in _skull_shapes(landmarks):
         pixels = points @ matrix[:, :2].T + matrix[:, 2]
         mask = _draw_mask(kind, pixels, size, line_width, blur)
@@ -494,7 +485,7 @@ def _embedded_case(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.
     yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
     direction = rng.normal(size=2)
     gradient = (direction[0] * yy + direction[1] * xx) / np.linalg.norm(direction)
-    image += 0.08 * (gradient - gradient.mean()) + 0.03 * _smooth_noise(rng, (h, w), 0.03 * h)
+    image += 0.08 * (gradient - gradient.mean()) + 0.03 * smooth_noise(rng, (h, w), 0.03 * h)
     image += 0.025 * rng.standard_normal((h, w))
     return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), landmarks @ matrix[:, :2].T + matrix[:, 2]
 

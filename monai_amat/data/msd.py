@@ -20,7 +20,7 @@ import numpy as np
 from monai.apps import DecathlonDataset, download_url, extractall
 from monai.utils import optional_import
 
-from monai_amat.data.utils import move_into_place
+from monai_amat.data.utils import move_into_place, smooth_noise
 from monai_amat.utils import read_json, write_json
 
 __all__ = ["MSD_TASKS", "MSDDataset", "prepare_msd", "read_msd", "check_case", "split_cases", "make_embedded_msd"]
@@ -295,17 +295,6 @@ def split_cases(cases: list, num_folds: int = 5, fold: int = 1, seed: int = 0) -
     return train, held[:num_val], held[num_val:]
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: float) -> np.ndarray:
-    """Gaussian-smoothed white noise (periodic, via FFT), zero mean, unit standard deviation."""
-    freqs = [np.fft.fftfreq(n, d=s) for n, s in zip(shape[:-1], _SPACING)]
-    freqs.append(np.fft.rfftfreq(shape[-1], d=_SPACING[2]))
-    grids = np.meshgrid(*freqs, indexing="ij")
-    kernel = np.exp(-2.0 * (np.pi * sigma_mm) ** 2 * sum(g**2 for g in grids))
-    out = np.fft.irfftn(np.fft.rfftn(rng.standard_normal(shape)) * kernel, s=shape)
-    out -= out.mean()
-    return out / out.std()
-
-
 def _rotation(rng: np.random.Generator) -> np.ndarray:
     """A random in-plane rotation with a small tilt out of the axial plane."""
     a, t = rng.uniform(0.0, np.pi), rng.uniform(-0.25, 0.25)
@@ -324,7 +313,7 @@ def _blob(
     """
     local = (coords - center) @ _rotation(rng)
     q = ((local / axes) ** 2).sum(-1)
-    wobble = _smooth_noise(rng, q.shape, sigma_mm=0.5 * float(axes.min()))
+    wobble = smooth_noise(rng, q.shape, 0.5 * float(axes.min()), _SPACING)
     return q + 0.2 * wobble / np.abs(wobble).max() < 1.0, q, local
 
 
@@ -361,8 +350,8 @@ def _embedded_case(
             clean[label == value] = mean
         clean[rim] = 0.5  # a dark rim (as CSF around the hippocampus): context a network can learn
         clean[distractors] = rng.choice(means) * rng.uniform(0.65, 0.85)
-        texture = 0.25 * _smooth_noise(rng, shape, 3.0) + 0.1 * _smooth_noise(rng, shape, 1.0)
-        bias = np.exp(0.2 * _smooth_noise(rng, shape, 0.3 * float(half.max())))
+        texture = 0.25 * smooth_noise(rng, shape, 3.0, _SPACING) + 0.1 * smooth_noise(rng, shape, 1.0, _SPACING)
+        bias = np.exp(0.2 * smooth_noise(rng, shape, 0.3 * float(half.max()), _SPACING))
         noisy = bias * (clean + texture) + 0.2 * rng.standard_normal(shape)
         channels.append(np.maximum(noisy, 0.0).astype(np.float32))
     image = channels[0] if len(channels) == 1 else np.stack(channels, -1)

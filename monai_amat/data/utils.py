@@ -9,7 +9,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_sample_index", "move_into_place"]
+import numpy as np
+
+__all__ = ["add_sample_index", "move_into_place", "smooth_noise"]
 
 
 def add_sample_index(datalist: Sequence[Mapping[str, Any]], key: str = "index") -> list[dict[str, Any]]:
@@ -55,3 +57,27 @@ def move_into_place(tmp: Path, out_dir: Path, is_same: Callable[[], bool]) -> No
     except OSError:
         if not is_same():
             raise
+
+
+def smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], sigma: float, spacing: Sequence[float] | None = None
+) -> np.ndarray:
+    """Gaussian-smoothed white noise (periodic, via FFT), zero mean, unit standard deviation, for synthetic images.
+
+    Args:
+        rng: the random generator.
+        shape: the array shape (any number of dimensions).
+        sigma: the Gaussian's standard deviation, in the units of ``spacing``.
+        spacing: the size of a pixel along each axis; None: 1 (``sigma`` in pixels).
+
+    Returns:
+        A float64 array of ``shape``.
+    """
+    spacing = tuple(spacing) if spacing is not None else (1.0,) * len(shape)
+    freqs = [np.fft.fftfreq(n, d=d) for n, d in zip(shape[:-1], spacing[:-1])]
+    freqs.append(np.fft.rfftfreq(shape[-1], d=spacing[-1]))
+    grids = np.meshgrid(*freqs, indexing="ij")
+    kernel = np.exp(-2.0 * (np.pi * sigma) ** 2 * sum(g**2 for g in grids))
+    out = np.fft.irfftn(np.fft.rfftn(rng.standard_normal(shape)) * kernel, s=shape)
+    out -= out.mean()
+    return out / max(float(out.std()), 1e-12)
