@@ -7,8 +7,6 @@ Boxes are ``(xmin, ymin, xmax, ymax)`` in pixels, as written in the VOC XML file
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -19,8 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from monai_amat.data.utils import move_into_place, smooth_noise
-from monai_amat.utils import read_json, write_json
+from monai_amat.data.utils import generate_once, smooth_noise
 
 __all__ = [
     "BCCD_CLASSES",
@@ -48,7 +45,6 @@ BCCD_SPLITS = ("train", "val", "test", "trainval")
 _IMAGES, _ANNOTATIONS = "JPEGImages", "Annotations"
 _SPLIT_DIR = Path("ImageSets") / "Main"
 _EMBEDDED_NAME = "BCCD"
-_EMBEDDED_MARKER = "embedded.json"
 _EMBEDDED_GENERATOR = "monai_amat.data.make_embedded_bccd"
 _MIN_SIZE = 64
 _MIN_IMAGES = 3
@@ -503,16 +499,9 @@ def make_embedded_bccd(
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < _MIN_SIZE:
         raise ValueError(f"make_embedded_bccd: size must be (width, height), each >= {_MIN_SIZE}, got {size}.")
-    root_dir = Path(root_dir)
-    out_dir = root_dir / _EMBEDDED_NAME
     meta = {"generator": _EMBEDDED_GENERATOR, "num_images": num_images, "seed": seed, "size": list(size)}
-    if _embedded_meta(out_dir) == meta:
-        return out_dir
-    if out_dir.exists() and _embedded_meta(out_dir) is None:
-        raise FileExistsError(f"{out_dir} exists and is not a synthetic set from make_embedded_bccd; not replacing it.")
-    root_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_EMBEDDED_NAME}.", suffix=".partial", dir=root_dir))
-    try:
+
+    def write(tmp: Path) -> None:
         for folder in (_IMAGES, _ANNOTATIONS, _SPLIT_DIR):
             (tmp / folder).mkdir(parents=True)
         stems = [f"BloodImage_{i:05d}" for i in range(num_images)]
@@ -522,20 +511,5 @@ def make_embedded_bccd(
             _write_voc(tmp / _ANNOTATIONS / f"{stem}.xml", f"{stem}.jpg", size, objects)
         for split, part in _split_stems(stems, seed).items():
             (tmp / _SPLIT_DIR / f"{split}.txt").write_text("".join(f"{stem}\n" for stem in part))
-        write_json(tmp / _EMBEDDED_MARKER, meta)
-        move_into_place(tmp, out_dir, lambda: _embedded_meta(out_dir) == meta)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
-
-def _embedded_meta(out_dir: Path) -> dict | None:
-    """The marker of a synthetic set in ``out_dir``, or ``None`` when there is none."""
-    marker = out_dir / _EMBEDDED_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        meta = read_json(marker)
-    except ValueError:
-        return None
-    return meta if meta.get("generator") == _EMBEDDED_GENERATOR else None
+    return generate_once(Path(root_dir) / _EMBEDDED_NAME, meta, write)

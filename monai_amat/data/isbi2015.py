@@ -7,8 +7,6 @@ Landmarks are ``(x, y)`` = (column, row) pixels; images are 8-bit grayscale BMP 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,8 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from monai_amat.data.utils import move_into_place, smooth_noise
-from monai_amat.utils import read_json, write_json
+from monai_amat.data.utils import embedded_meta, generate_once, smooth_noise
 
 __all__ = [
     "NUM_LANDMARKS",
@@ -52,7 +49,6 @@ _IMAGE_SUBDIRS = ("TrainingData", "Test1Data", "Test2Data")
 _SPLIT_RANGES = {"train": (1, 150), "val": (151, 200), "test": (201, 300)}
 _MAX_ID = 400
 _EMBEDDED_NAME = "ISBI2015"
-_EMBEDDED_MARKER = "embedded.json"
 _EMBEDDED_GENERATOR = "monai_amat.data.make_embedded_isbi2015"
 _MIN_SIZE = 32
 
@@ -163,11 +159,9 @@ def _annotation_dir(root: Path, doctor: str) -> tuple[Path | None, list[Path]]:
 
 def _default_ids(root: Path) -> list[int]:
     """All 400 ids, or the ids of a synthetic set from :py:func:`make_embedded_isbi2015`."""
-    marker = root / _EMBEDDED_MARKER
-    if marker.is_file():
-        meta = read_json(marker)
-        if meta.get("generator") == _EMBEDDED_GENERATOR and isinstance(meta.get("ids"), list):
-            return [int(i) for i in meta["ids"]]
+    meta = embedded_meta(root, _EMBEDDED_GENERATOR)
+    if meta is not None and isinstance(meta.get("ids"), list):
+        return [int(i) for i in meta["ids"]]
     return list(range(1, _MAX_ID + 1))
 
 
@@ -533,19 +527,10 @@ def make_embedded_isbi2015(
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < _MIN_SIZE:
         raise ValueError(f"make_embedded_isbi2015: size must be (width, height), each >= {_MIN_SIZE}, got {size}.")
-    root_dir = Path(root_dir)
-    out_dir = root_dir / _EMBEDDED_NAME
     ids = list(range(1, num_images + 1))
     meta = {"generator": _EMBEDDED_GENERATOR, "num_images": num_images, "seed": seed, "size": list(size), "ids": ids}
-    if _embedded_meta(out_dir) == meta:
-        return out_dir
-    if out_dir.exists() and _embedded_meta(out_dir) is None:
-        raise FileExistsError(
-            f"{out_dir} exists and is not a synthetic set from make_embedded_isbi2015; not replacing it."
-        )
-    root_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_EMBEDDED_NAME}.", suffix=".partial", dir=root_dir))
-    try:
+
+    def write(tmp: Path) -> None:
         for folder in (*(f"RawImage/{s}" for s in _IMAGE_SUBDIRS), *(f"400_{d}" for d in _DOCTORS)):
             (tmp / folder).mkdir(parents=True)
         for case_id in ids:
@@ -558,20 +543,5 @@ def make_embedded_isbi2015(
             extra = rng.integers(1, 4, 2).tolist()
             _write_annotation(tmp / "400_senior" / f"{case_id:03d}.txt", senior, extra)
             _write_annotation(tmp / "400_junior" / f"{case_id:03d}.txt", junior, extra)
-        write_json(tmp / _EMBEDDED_MARKER, meta)
-        move_into_place(tmp, out_dir, lambda: _embedded_meta(out_dir) == meta)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
-
-def _embedded_meta(out_dir: Path) -> dict | None:
-    """The marker of a synthetic set in ``out_dir``, or ``None`` when there is none."""
-    marker = out_dir / _EMBEDDED_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        meta = read_json(marker)
-    except ValueError:
-        return None
-    return meta if meta.get("generator") == _EMBEDDED_GENERATOR else None
+    return generate_once(Path(root_dir) / _EMBEDDED_NAME, meta, write)

@@ -11,7 +11,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["add_sample_index", "move_into_place", "smooth_noise"]
+from monai_amat.utils import read_json, write_json
+
+EMBEDDED_MARKER = "embedded.json"
+
+__all__ = ["EMBEDDED_MARKER", "add_sample_index", "embedded_meta", "generate_once", "move_into_place", "smooth_noise"]
 
 
 def add_sample_index(datalist: Sequence[Mapping[str, Any]], key: str = "index") -> list[dict[str, Any]]:
@@ -81,3 +85,60 @@ def smooth_noise(
     out = np.fft.irfftn(np.fft.rfftn(rng.standard_normal(shape)) * kernel, s=shape)
     out -= out.mean()
     return out / max(float(out.std()), 1e-12)
+
+
+def embedded_meta(out_dir: str | os.PathLike, generator: str) -> dict | None:
+    """The marker (``embedded.json``) of a generated set in ``out_dir``, or None when it holds none from ``generator``.
+
+    Args:
+        out_dir: the data set folder.
+        generator: the generating function's dotted name, as recorded in the marker.
+
+    Returns:
+        The recorded parameters, or None.
+    """
+    marker = Path(out_dir) / EMBEDDED_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        meta = read_json(marker)
+    except ValueError:
+        return None
+    return meta if meta.get("generator") == generator else None
+
+
+def generate_once(out_dir: str | os.PathLike, meta: dict, write: Callable[[Path], None]) -> Path:
+    """Generate a synthetic data set into ``out_dir`` unless it already holds the very same one.
+
+    ``write`` fills a temporary folder beside ``out_dir``; the marker ``embedded.json`` (``meta``) is added and the
+    folder renamed into place, so a killed run never leaves half a data set. An older set from the same generator is
+    replaced; any other folder is left alone.
+
+    Args:
+        out_dir: the data set folder.
+        meta: the generation parameters, with ``"generator"`` (the generating function's dotted name).
+        write: writes the data set into the folder it is given.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        FileExistsError: when ``out_dir`` exists and is not a set from this generator.
+    """
+    out_dir = Path(out_dir)
+    found = embedded_meta(out_dir, meta["generator"])
+    if found == meta:
+        return out_dir
+    if out_dir.exists() and found is None:
+        raise FileExistsError(
+            f"{out_dir} exists and is not a synthetic set from {meta['generator']}; not replacing it."
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        write(tmp)
+        write_json(tmp / EMBEDDED_MARKER, meta)
+        move_into_place(tmp, out_dir, lambda: embedded_meta(out_dir, meta["generator"]) == meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
