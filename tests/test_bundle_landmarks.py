@@ -3,15 +3,13 @@
 import csv
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from monai.bundle import run
 
 from monai_amat.data.isbi2015 import make_embedded_isbi2015
-from tests.test_bundles_seg import ROOT, chain, configs
+from tests.test_bundles_seg import chain, ckpt_export, configs
 from tests.test_bundles_seg import tiny as seg_tiny
 
 BUNDLE = "isbi2015_ceph_landmark_amat"
@@ -61,30 +59,7 @@ def test_landmark_bundle_all_configs(tmp_path):
     assert all(float(p["x_mm"]) == pytest.approx(1.2 * float(p["x_px"]), abs=1e-2) for p in points)
     assert len(list((tmp_path / "pred").glob("*_landmarks.png"))) == 6
 
-    ts = tmp_path / "model.ts"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "ckpt_export",
-            "--net_id",
-            "network_def",
-            "--filepath",
-            str(ts),
-            "--ckpt_file",
-            str(out["amat"] / "model.pt"),
-            "--config_file",
-            configs(BUNDLE, "inference")[0],
-            "--meta_file",
-            configs(BUNDLE, "metadata")[0],
-            "--spatial_size",
-            "[40, 32]",
-        ],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
+    ts = ckpt_export(BUNDLE, out["amat"] / "model.pt", tmp_path / "model.ts", spatial_size="[40, 32]")
     assert torch.jit.load(str(ts))(torch.zeros(1, 1, 40, 32)).shape == (1, 57, 40, 32)
 
 

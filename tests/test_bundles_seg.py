@@ -125,7 +125,21 @@ def test_ckpt_export_and_real_data_on_any_msd_folder(tmp_path):
     last = state["output_block.conv.conv.weight"]
     assert first_conv.shape[1] == 2 and last.shape[0] == 4  # channels and classes came from dataset.json
 
-    ts = tmp_path / "model.ts"
+    ts = ckpt_export(
+        bundle,
+        out / "model.pt",
+        tmp_path / "model.ts",
+        in_channels=2,
+        out_channels=4,
+        filters="[8, 16, 32]",
+        spatial_size="[16, 16]",
+    )
+    net = torch.jit.load(str(ts))
+    assert net(torch.zeros(1, 2, 16, 16)).shape == (1, 4, 16, 16)
+
+
+def ckpt_export(bundle, ckpt, filepath, **overrides):
+    """``python -m monai.bundle ckpt_export`` of a bundle's ``network_def`` (from inference.json), as a user runs it."""
     cmd = [
         sys.executable,
         "-m",
@@ -134,25 +148,18 @@ def test_ckpt_export_and_real_data_on_any_msd_folder(tmp_path):
         "--net_id",
         "network_def",
         "--filepath",
-        str(ts),
+        str(filepath),
         "--ckpt_file",
-        str(out / "model.pt"),
+        str(ckpt),
         "--config_file",
         configs(bundle, "inference")[0],
         "--meta_file",
         configs(bundle, "metadata")[0],
-        "--in_channels",
-        "2",
-        "--out_channels",
-        "4",
-        "--filters",
-        "[8, 16, 32]",
-        "--spatial_size",
-        "[16, 16]",
     ]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
-    net = torch.jit.load(str(ts))
-    assert net(torch.zeros(1, 2, 16, 16)).shape == (1, 4, 16, 16)
+    return filepath
 
 
 def chain(exc_info):
