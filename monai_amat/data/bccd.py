@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from monai_amat.data.utils import generate_once, smooth_noise
+from monai_amat.data.utils import find_nested_root, generate_once, smooth_noise
 
 __all__ = [
     "BCCD_CLASSES",
@@ -66,23 +66,7 @@ def find_bccd_root(dataset_dir: str | os.PathLike) -> Path:
             message lists what was looked for and where to get the data.
         ValueError: when several subfolders of ``dataset_dir`` hold a ``JPEGImages/``.
     """
-    root = Path(dataset_dir).absolute()
-    if (root / _IMAGES).is_dir():
-        return root
-    nested = (
-        sorted(p.parent for p in root.glob(f"*/{_IMAGES}") if p.is_dir() and not p.parent.name.startswith("."))
-        if root.is_dir()
-        else []
-    )
-    if len(nested) > 1:
-        raise ValueError(f"{root} holds several BCCD data sets {[str(p) for p in nested]}; pass one of them.")
-    if nested:
-        return nested[0]
-    state = "" if root.is_dir() else " (the folder does not exist)"
-    raise FileNotFoundError(
-        f"no BCCD data set found in {root}{state}: looked for {root / _IMAGES} and {root / '*' / _IMAGES}. "
-        f"Get {BCCD_SOURCES}."
-    )
+    return find_nested_root(dataset_dir, _IMAGES, "BCCD", BCCD_SOURCES)
 
 
 def _class_map(class_map: Mapping[str, int] | None) -> dict[str, int]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from monai_amat.data.utils import embedded_meta, generate_once, smooth_noise
+from monai_amat.data.utils import embedded_meta, find_nested_root, generate_once, smooth_noise
 
 __all__ = [
     "NUM_LANDMARKS",
@@ -72,19 +72,7 @@ def find_isbi2015_root(dataset_dir: str | os.PathLike) -> Path:
             lists what was looked for and where to get the data.
         ValueError: when several subfolders of ``dataset_dir`` hold a ``RawImage/``.
     """
-    root = Path(dataset_dir).absolute()
-    if (root / "RawImage").is_dir():
-        return root
-    nested = sorted(p.parent for p in root.glob("*/RawImage") if p.is_dir()) if root.is_dir() else []
-    if len(nested) > 1:
-        raise ValueError(f"{root} holds several ISBI 2015 data sets {[str(p) for p in nested]}; pass one of them.")
-    if nested:
-        return nested[0]
-    state = "" if root.is_dir() else " (the folder does not exist)"
-    raise FileNotFoundError(
-        f"no ISBI 2015 data set found in {root}{state}: looked for {root / 'RawImage'} and {root / '*' / 'RawImage'}. "
-        f"Get {ISBI2015_SOURCES}."
-    )
+    return find_nested_root(dataset_dir, "RawImage", "ISBI 2015", ISBI2015_SOURCES)
 
 
 def read_annotation(path: str | os.PathLike, num_landmarks: int = NUM_LANDMARKS) -> np.ndarray:

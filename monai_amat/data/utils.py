@@ -15,7 +15,15 @@ from monai_amat.utils import read_json, write_json
 
 EMBEDDED_MARKER = "embedded.json"
 
-__all__ = ["EMBEDDED_MARKER", "add_sample_index", "embedded_meta", "generate_once", "move_into_place", "smooth_noise"]
+__all__ = [
+    "EMBEDDED_MARKER",
+    "add_sample_index",
+    "embedded_meta",
+    "find_nested_root",
+    "generate_once",
+    "move_into_place",
+    "smooth_noise",
+]
 
 
 def add_sample_index(datalist: Sequence[Mapping[str, Any]], key: str = "index") -> list[dict[str, Any]]:
@@ -142,3 +150,41 @@ def generate_once(out_dir: str | os.PathLike, meta: dict, write: Callable[[Path]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def find_nested_root(dataset_dir: str | os.PathLike, landmark: str, name: str, sources: str) -> Path:
+    """The folder holding the sub-folder ``landmark``: ``dataset_dir`` itself or one of its sub-folders.
+
+    Mirrors of public data sets often nest them one level deeper. Hidden folders are skipped.
+
+    Args:
+        dataset_dir: the data set folder, or the folder holding it.
+        landmark: the sub-folder that marks the data set root, e.g. ``"RawImage"``.
+        name: the data set's name, for messages.
+        sources: where to get the data, for the error message.
+
+    Returns:
+        The absolute data set root.
+
+    Raises:
+        FileNotFoundError: when neither ``dataset_dir/landmark`` nor ``dataset_dir/*/landmark`` exists; the message
+            lists what was looked for and where to get the data.
+        ValueError: when several sub-folders hold a ``landmark``.
+    """
+    root = Path(dataset_dir).absolute()
+    if (root / landmark).is_dir():
+        return root
+    nested = (
+        sorted(p.parent for p in root.glob(f"*/{landmark}") if p.is_dir() and not p.parent.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
+    if len(nested) > 1:
+        raise ValueError(f"{root} holds several {name} data sets {[str(p) for p in nested]}; pass one of them.")
+    if nested:
+        return nested[0]
+    state = "" if root.is_dir() else " (the folder does not exist)"
+    raise FileNotFoundError(
+        f"no {name} data set found in {root}{state}: looked for {root / landmark} and {root / '*' / landmark}. "
+        f"Get {sources}."
+    )
