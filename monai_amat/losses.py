@@ -12,7 +12,7 @@ from torch import nn
 
 from monai_amat.transforms.landmarks import split_landmark_output
 
-__all__ = ["PerSampleLoss", "PerSampleDiceCELoss", "PerSampleLandmarkLoss"]
+__all__ = ["PerSampleLoss", "PerSampleDiceCELoss", "PerSampleLandmarkLoss", "PerImageDetectionLoss"]
 
 
 class PerSampleLoss(nn.Module):
@@ -155,3 +155,79 @@ class PerSampleLandmarkLoss(nn.Module):
         """``(B,)`` per-sample loss."""
         c = self.components(pred, target)
         return c["heatmap"] + self.lambda_offset * (c["offset_x"] + c["offset_y"])
+
+
+class PerImageDetectionLoss:
+    """A RetinaNet detector's training losses, one value per image, from its network's head outputs.
+
+    MONAI's ``RetinaNetDetector`` returns the classification and box-regression losses of the whole batch; AMAT
+    needs each image's. This computes them image by image with the detector's own anchors, matcher, sampler and
+    loss functions, from what ``detector.network`` returns (``{cls_key: [maps], box_reg_key: [maps]}``), so the
+    network can be trained, attacked and calibrated like any other. The hard negative sampler draws from the torch
+    random generator, as in the detector.
+
+    Args:
+        detector: a configured ``RetinaNetDetector`` (matcher and sampler set, e.g. by
+            :py:func:`monai_amat.networks.retinanet_detector`).
+        image_size: spatial size of the network's input images (anchors are laid out on it).
+        weights: weight of each component in the total, by key (default 1 each).
+
+    Raises:
+        ValueError: for a weight key that is not one of the detector's loss keys.
+    """
+
+    def __init__(self, detector: Any, image_size: Sequence[int], weights: dict[str, float] | None = None) -> None:
+        self.detector = detector
+        self.image_size = tuple(int(s) for s in image_size)
+        self.keys = (detector.cls_key, detector.box_reg_key)
+        self.weights = {k: 1.0 for k in self.keys}
+        unknown = sorted(set(weights or {}) - set(self.keys))
+        if unknown:
+            raise ValueError(f"loss weights {unknown} are not detector losses; use {list(self.keys)}.")
+        self.weights.update({k: float(v) for k, v in (weights or {}).items()})
+
+    def _anchors(self, cls_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The anchors of one image of ``image_size`` for these head output maps."""
+        shape = (1, 0, *self.image_size)
+        anchors = self.detector.anchor_generator(torch.empty(shape, device=cls_maps[0].device), cls_maps)[0]
+        return anchors
+
+    def components(self, pred: dict[str, Sequence[torch.Tensor]], target: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Each loss component per image.
+
+        Args:
+            pred: the network's head outputs, ``{cls_key: [(B, A*classes, *grid_k)], box_reg_key: [...]}``.
+            target: one dict per image with the detector's box and label keys.
+
+        Returns:
+            ``{cls_key: (B,), box_reg_key: (B,)}``.
+
+        Raises:
+            ValueError: when the targets are not one per image, or the anchors of ``image_size`` do not match the
+                head outputs.
+        """
+        det = self.detector
+        cls_maps, box_maps = list(pred[det.cls_key]), list(pred[det.box_reg_key])
+        batch = cls_maps[0].shape[0]
+        if len(target) != batch:
+            raise ValueError(f"{len(target)} targets for {batch} images; give one dict of boxes and labels per image.")
+        cls_logits, box_regression = det._reshape_maps(cls_maps), det._reshape_maps(box_maps)
+        anchors = self._anchors(cls_maps)
+        if anchors.shape[0] != cls_logits.shape[1]:
+            raise ValueError(
+                f"image_size {list(self.image_size)} gives {anchors.shape[0]} anchors but the network returned "
+                f"{cls_logits.shape[1]} anchor outputs; set image_size to the network's input size."
+            )
+        locations = [m.shape[2:].numel() for m in cls_maps]
+        matched = det.compute_anchor_matched_idxs([anchors] * batch, target, locations)
+        cls, box = [], []
+        for i in range(batch):
+            cls.append(det.compute_cls_loss(cls_logits[i : i + 1], target[i : i + 1], matched[i : i + 1]))
+            box_i = det.compute_box_loss(box_regression[i : i + 1], target[i : i + 1], [anchors], matched[i : i + 1])
+            box.append(box_i.to(box_regression))
+        return {det.cls_key: torch.stack(cls), det.box_reg_key: torch.stack(box)}
+
+    def __call__(self, pred: dict[str, Sequence[torch.Tensor]], target: Sequence[dict]) -> torch.Tensor:
+        """The weighted sum of :py:meth:`components`, ``(B,)``."""
+        parts = self.components(pred, target)
+        return sum(self.weights[k] * v for k, v in parts.items())

@@ -1,13 +1,19 @@
-"""Landmark metrics: radial errors in millimetres, mean radial error (MRE) and success detection rate (SDR)."""
+"""Landmark metrics (radial errors in millimetres, MRE, SDR) and detection mean average precision (COCO)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from monai.apps.detection.metrics.coco import COCOMetric
+from monai.apps.detection.metrics.matching import matching_batch
+from monai.data.box_utils import box_iou
 from monai.metrics import CumulativeIterationMetric
+from monai.metrics.metric import Metric
 
-__all__ = ["LandmarkErrorMetric"]
+__all__ = ["LandmarkErrorMetric", "DetectionMAP"]
 
 
 class LandmarkErrorMetric(CumulativeIterationMetric):
@@ -48,3 +54,109 @@ class LandmarkErrorMetric(CumulativeIterationMetric):
         if self.sdr_mm is None:
             return errors.mean()
         return (errors <= self.sdr_mm).float().mean()
+
+
+def _numpy(value: Any, dtype: Any) -> np.ndarray:
+    return np.asarray(torch.as_tensor(value).detach().cpu().numpy(), dtype=dtype)
+
+
+class DetectionMAP(Metric):
+    """COCO mean average precision of detections, with MONAI's ``COCOMetric``, usable in ``IgniteMetricHandler``.
+
+    MONAI's detection metrics work on a whole data set at once and are not cumulative iteration metrics; this
+    keeps every image's boxes until ``aggregate()``. Images are given as lists (``decollate=False`` engines):
+    predictions as the detector returns them, ground truth as the targets. Not synchronised across processes:
+    evaluate on one.
+
+    Args:
+        classes: the class names, in label order.
+        iou: None gives mAP over IoU 0.5:0.95 (step 0.05, COCO's mAP); a number gives the AP at that IoU.
+        max_detections: most detections per image counted.
+        box_key: the boxes' key (corner mode) in predictions and ground truth.
+        label_key: the labels' key.
+        score_key: the scores' key in predictions.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        iou: float | None = None,
+        max_detections: int = 100,
+        box_key: str = "boxes",
+        label_key: str = "labels",
+        score_key: str = "labels_scores",
+    ) -> None:
+        super().__init__()
+        self.classes = [str(c) for c in classes]
+        self.iou = iou
+        self.max_detections = int(max_detections)
+        self.keys = (box_key, label_key, score_key)
+        self.coco = COCOMetric(
+            classes=self.classes,
+            iou_list=[0.5 if iou is None else float(iou)],
+            iou_range=[0.5, 0.95, 0.05],
+            max_detection=[self.max_detections],
+            per_class=False,
+            verbose=False,
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the images seen so far."""
+        self.pred: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.true: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __call__(self, y_pred: Sequence[dict], y: Sequence[dict]) -> None:  # type: ignore[override]
+        """Add a batch of images.
+
+        Args:
+            y_pred: per image ``{box_key: (N, 4), label_key: (N,), score_key: (N,)}``.
+            y: per image ``{box_key: (M, 4), label_key: (M,)}``.
+
+        Raises:
+            ValueError: when the lists differ in length.
+        """
+        if len(y_pred) != len(y):
+            raise ValueError(f"{len(y_pred)} predictions for {len(y)} ground-truth images.")
+        box, label, score = self.keys
+        for p, t in zip(y_pred, y):
+            self.pred.append(
+                (
+                    _numpy(p[box], np.float64).reshape(-1, 4),
+                    _numpy(p[label], np.int64).reshape(-1),
+                    _numpy(p[score], np.float64).reshape(-1),
+                )
+            )
+            self.true.append((_numpy(t[box], np.float64).reshape(-1, 4), _numpy(t[label], np.int64).reshape(-1)))
+
+    def get_buffer(self) -> torch.Tensor:
+        """Per image seen, the number of predicted and of ground-truth boxes, ``(N, 2)``.
+
+        MONAI's metric handlers store this as the metric's details; mAP itself has no per-image value.
+        """
+        return torch.tensor([[len(p[0]), len(t[0])] for p, t in zip(self.pred, self.true)], dtype=torch.int64)
+
+    def aggregate(self) -> torch.Tensor:
+        """The mAP (or AP at ``iou``) over the classes with ground truth, of every image seen since the reset.
+
+        Returns:
+            A scalar tensor; -1 when no image holds any ground-truth box.
+
+        Raises:
+            ValueError: when no image was seen.
+        """
+        if not self.true:
+            raise ValueError("DetectionMAP has seen no image.")
+        matches = matching_batch(
+            iou_fn=box_iou,
+            iou_thresholds=self.coco.iou_thresholds,
+            pred_boxes=[p[0] for p in self.pred],
+            pred_classes=[p[1] for p in self.pred],
+            pred_scores=[p[2] for p in self.pred],
+            gt_boxes=[t[0] for t in self.true],
+            gt_classes=[t[1] for t in self.true],
+            max_detections=self.max_detections,
+        )
+        results = self.coco(matches)[0]
+        prefix = "mAP_IoU_0.50_0.95_0.05" if self.iou is None else f"AP_IoU_{float(self.iou):.2f}"
+        return torch.tensor(results[f"{prefix}_MaxDet_{self.max_detections}"], dtype=torch.float32)

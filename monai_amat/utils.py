@@ -1,4 +1,4 @@
-"""Small helpers shared by handlers and tools: atomic file writes and JSON files with clear errors."""
+"""Small helpers shared by handlers and tools: atomic file writes, JSON files with clear errors, the writing rank."""
 
 from __future__ import annotations
 
@@ -10,14 +10,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json", "read_json"]
+import torch.distributed as dist
+
+__all__ = ["atomic_write", "write_json", "read_json", "is_rank0"]
+
+
+def is_rank0() -> bool:
+    """Whether this process writes files: True without ``torch.distributed`` or on rank 0."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside ``path`` and rename it to ``path`` once the block succeeds.
 
-    A reader (or a run killed at any moment) sees either the old file or the new one, never half of it.
+    A reader (or a run killed at any moment) sees either the old file or the new one, never half of it. The file
+    gets the permissions a plain ``open(path, "w")`` would give it (``0o666`` less the umask), not the temporary
+    file's ``0o600``.
 
     Args:
         path: the file to write.
@@ -34,6 +50,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -7,6 +7,7 @@ from monai_amat.data.bccd import (
     make_embedded_bccd,
     read_voc_annotation,
 )
+from monai_amat.data.detection import PrepareDetectionBatch, bccd_sets, detection_collate
 from monai_amat.data.isbi2015 import (
     ISBI2015_SOURCES,
     NUM_LANDMARKS,
@@ -54,4 +55,7 @@ __all__ = [
     "find_bccd_root",
     "make_embedded_bccd",
     "read_voc_annotation",
+    "bccd_sets",
+    "detection_collate",
+    "PrepareDetectionBatch",
 ]

@@ -57,6 +57,9 @@ class RobustEvaluator(SupervisedEvaluator):
         attack: the PGD attack (its loss must take the evaluator's targets).
         eps_list: ascending noise levels, each ``>= 0``.
         prepare_batch: as in ``SupervisedEvaluator``; the attack perturbs its first item.
+        attack_network: the network whose output the attack's loss takes, called directly on the inputs (e.g. a
+            detector's ``network``, whose head outputs give its training loss, while the evaluator's ``network`` is
+            the detector returning boxes); None attacks the evaluator's own ``network`` through its inferer.
         kwargs: any other ``SupervisedEvaluator`` argument (``key_val_metric``, ``additional_metrics``,
             ``inferer``, ``postprocessing``, ``val_handlers``, ``amp``...).
 
@@ -72,6 +75,7 @@ class RobustEvaluator(SupervisedEvaluator):
         attack: PGD,
         eps_list: Sequence[float],
         prepare_batch: Callable = default_prepare_batch,
+        attack_network: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
         event_names = list(kwargs.pop("event_names", None) or []) + [AdversarialEvents]
@@ -86,6 +90,7 @@ class RobustEvaluator(SupervisedEvaluator):
         self.attack = attack
         self.eps_list = check_eps_list(eps_list)
         self.clean_prepare_batch = prepare_batch
+        self.attack_network = attack_network
         self.state.eps = 0.0
         self.state.robustness = None
 
@@ -95,11 +100,15 @@ class RobustEvaluator(SupervisedEvaluator):
             return batch
         args, kw = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
 
+        network = self.network if self.attack_network is None else self.attack_network
+
         def forward(x: torch.Tensor) -> Any:
             with torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext():
-                return self.inferer(x, self.network, *args, **kw)
+                if self.attack_network is not None:
+                    return network(x)
+                return self.inferer(x, network, *args, **kw)
 
-        adv = self.attack(self.network, batch[0], batch[1], self.state.eps, forward_fn=forward)
+        adv = self.attack(network, batch[0], batch[1], self.state.eps, forward_fn=forward)
         return (adv, *batch[1:])
 
     def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]

@@ -1,11 +1,13 @@
 from monai_amat.handlers.calibration import CalibrationHandler
 from monai_amat.handlers.checkpoint import TrainingCheckpoint
+from monai_amat.handlers.detection_writer import DetectionWriter
 from monai_amat.handlers.landmark_writers import LandmarkErrorsCSV, LandmarkWriter
 from monai_amat.handlers.margin_handler import MarginHandler
 from monai_amat.handlers.robustness_report import RobustnessReport, area_under_curve, plot_robustness
 
 __all__ = [
     "CalibrationHandler",
+    "DetectionWriter",
     "LandmarkErrorsCSV",
     "LandmarkWriter",
     "MarginHandler",

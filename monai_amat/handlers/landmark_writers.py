@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_amat.engines.utils import AdversarialEvents
 from monai_amat.metrics import LandmarkErrorMetric
-from monai_amat.utils import atomic_write
+from monai_amat.utils import atomic_write, is_rank0
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -22,10 +21,6 @@ else:
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
 __all__ = ["LandmarkErrorsCSV", "LandmarkWriter"]
-
-
-def _rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class LandmarkErrorsCSV:
@@ -68,7 +63,7 @@ class LandmarkErrorsCSV:
     def write(self, engine: Engine) -> None:
         """Write the CSV (rank 0) and start over for the next evaluation."""
         rows, self.rows = self.rows, []
-        if not _rank0():
+        if not is_rank0():
             return
         with atomic_write(self.path) as f:
             f.write("eps,landmark,mean_mm,median_mm,max_mm\n")
@@ -112,7 +107,7 @@ class LandmarkWriter:
             name = Path(path).name
             for k, (x, y) in enumerate(points, start=1):
                 self.rows.append(f"{name},{k},{x:.2f},{y:.2f},{x * self.spacing:.3f},{y * self.spacing:.3f}\n")
-            if _rank0():
+            if is_rank0():
                 self._overlay(path, points)
 
     def _overlay(self, path: str, points: np.ndarray) -> None:
@@ -135,7 +130,7 @@ class LandmarkWriter:
 
     def completed(self, engine: Engine) -> Any:
         """Write ``landmarks.csv`` (rank 0)."""
-        if not _rank0():
+        if not is_rank0():
             return
         with atomic_write(self.output_dir / "landmarks.csv") as f:
             f.write("image,landmark,x_px,y_px,x_mm,y_mm\n")

@@ -1,3 +1,4 @@
+from monai_amat.transforms.boxes import ResizeWithBoxesd, boxes_to_original
 from monai_amat.transforms.landmarks import (
     DecodeLandmarksd,
     LandmarkTargetd,
@@ -8,6 +9,8 @@ from monai_amat.transforms.landmarks import (
 )
 
 __all__ = [
+    "ResizeWithBoxesd",
+    "boxes_to_original",
     "DecodeLandmarksd",
     "LandmarkTargetd",
     "ResizeWithLandmarksd",

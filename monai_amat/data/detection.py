@@ -1,0 +1,119 @@
+"""Detection data plumbing: BCCD's train / validation / test sets, batches of varying box counts, prepare_batch.
+
+``prepare_batch`` turns a batch into images plus one target dict per image, as MONAI's detector takes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.data import list_data_collate
+from monai.engines.utils import PrepareBatch
+
+from monai_amat.data.bccd import bccd_datalist, make_embedded_bccd
+from monai_amat.data.utils import add_sample_index
+
+__all__ = ["bccd_sets", "detection_collate", "PrepareDetectionBatch"]
+
+
+def bccd_sets(
+    data_source: str,
+    dataset_dir: str | os.PathLike | None = None,
+    embedded_dir: str | os.PathLike | None = None,
+    embedded_cases: int = 40,
+    embedded_size: Sequence[int] = (320, 240),
+    seed: int = 0,
+    class_map: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """The BCCD splits (``ImageSets/Main/{train,val,test}.txt``) of the real data or of the embedded set.
+
+    Args:
+        data_source: ``"embedded"`` (generate once into ``embedded_dir``) or ``"real"`` (read ``dataset_dir``).
+        dataset_dir: the BCCD folder, or the folder holding it (``"real"``).
+        embedded_dir: where the embedded set is generated.
+        embedded_cases: number of embedded images.
+        embedded_size: ``(width, height)`` of the embedded images.
+        seed: seeds the embedded set.
+        class_map: class name to label (default RBC 0, WBC 1, Platelets 2).
+
+    Returns:
+        ``{"train", "val", "test"}`` datalists (see :py:func:`monai_amat.data.bccd_datalist`); training items carry
+        an ``"index"``.
+
+    Raises:
+        ValueError: for an unknown ``data_source`` or a missing folder argument.
+    """
+    if data_source == "embedded":
+        if embedded_dir is None:
+            raise ValueError("data_source 'embedded' needs embedded_dir.")
+        root = make_embedded_bccd(embedded_dir, num_images=embedded_cases, seed=seed, size=tuple(embedded_size))
+    elif data_source == "real":
+        if not dataset_dir:
+            raise ValueError("data_source 'real' needs dataset_dir: the BCCD folder holding JPEGImages/.")
+        root = dataset_dir
+    else:
+        raise ValueError(f"data_source must be 'embedded' or 'real', got {data_source!r}.")
+    sets = {split: bccd_datalist(root, split, class_map) for split in ("train", "val", "test")}
+    sets["train"] = add_sample_index(sets["train"])
+    return sets
+
+
+def detection_collate(batch: Sequence[Mapping[str, Any]], list_keys: Sequence[str] = ("boxes", "labels")) -> dict:
+    """Collate detection items, keeping the per-object keys as lists.
+
+    ``list_keys`` (one entry per object, so of varying length) stay lists of per-item values; the rest is collated
+    by MONAI's ``list_data_collate``.
+
+    Args:
+        batch: the items.
+        list_keys: the keys kept as lists of per-item values.
+
+    Returns:
+        The batch dict.
+    """
+    lists = {k: [item[k] for item in batch] for k in list_keys if all(k in item for item in batch)}
+    rest = list_data_collate([{k: v for k, v in item.items() if k not in lists} for item in batch])
+    return {**rest, **lists}
+
+
+class PrepareDetectionBatch(PrepareBatch):
+    """``prepare_batch`` for detection engines: images, and one ``{box_key, label_key}`` dict per image.
+
+    Args:
+        image_key: the images' key.
+        box_key: the ``(N, 2 * dims)`` boxes' key (in the batch and in the targets).
+        label_key: the ``(N,)`` labels' key (likewise).
+    """
+
+    def __init__(self, image_key: str = "image", box_key: str = "boxes", label_key: str = "labels") -> None:
+        self.image_key = image_key
+        self.box_key = box_key
+        self.label_key = label_key
+
+    def __call__(
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """``(images, targets)`` on ``device``: float boxes and int64 labels.
+
+        Raises:
+            KeyError: when the batch lacks the image, box or label key.
+        """
+        missing = [k for k in (self.image_key, self.box_key, self.label_key) if k not in batchdata]
+        if missing:
+            raise KeyError(f"detection batch lacks {missing}; it has {sorted(batchdata)}.")
+        images = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
+        targets = [
+            {
+                self.box_key: torch.as_tensor(boxes).float().reshape(-1, 2 * (images.dim() - 2)).to(device),
+                self.label_key: torch.as_tensor(labels).long().reshape(-1).to(device),
+            }
+            for boxes, labels in zip(batchdata[self.box_key], batchdata[self.label_key])
+        ]
+        return images, targets
