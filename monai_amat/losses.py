@@ -163,34 +163,69 @@ class PerImageDetectionLoss:
     MONAI's ``RetinaNetDetector`` returns the classification and box-regression losses of the whole batch; AMAT
     needs each image's. This computes them image by image with the detector's own anchors, matcher, sampler and
     loss functions, from what ``detector.network`` returns (``{cls_key: [maps], box_reg_key: [maps]}``), so the
-    network can be trained, attacked and calibrated like any other. The hard negative sampler draws from the torch
-    random generator, as in the detector.
+    network can be trained, attacked and calibrated like any other. The anchors are laid out on the spatial size of
+    the network's latest input (a forward pre-hook on ``detector.network`` records it), so the loss must follow
+    the forward pass that produced ``pred``, as engines and attacks do. The anchor-to-box matching depends on the
+    boxes only, so it is kept while the same target tensors come back (a training iteration's clean pass, attack
+    iterates and adversarial pass match once). The hard negative sampler draws from the torch random generator, as
+    in the detector.
 
     Args:
         detector: a configured ``RetinaNetDetector`` (matcher and sampler set, e.g. by
             :py:func:`monai_amat.networks.retinanet_detector`).
-        image_size: spatial size of the network's input images (anchors are laid out on it).
         weights: weight of each component in the total, by key (default 1 each).
 
     Raises:
         ValueError: for a weight key that is not one of the detector's loss keys.
     """
 
-    def __init__(self, detector: Any, image_size: Sequence[int], weights: dict[str, float] | None = None) -> None:
+    def __init__(self, detector: Any, weights: dict[str, float] | None = None) -> None:
         self.detector = detector
-        self.image_size = tuple(int(s) for s in image_size)
         self.keys = (detector.cls_key, detector.box_reg_key)
         self.weights = {k: 1.0 for k in self.keys}
         unknown = sorted(set(weights or {}) - set(self.keys))
         if unknown:
             raise ValueError(f"loss weights {unknown} are not detector losses; use {list(self.keys)}.")
         self.weights.update({k: float(v) for k, v in (weights or {}).items()})
+        self.input_shape: tuple[int, ...] | None = None
+        self._matched: tuple[list[tuple[torch.Tensor, int]], torch.Tensor, list[torch.Tensor]] | None = None
+        detector.network.register_forward_pre_hook(self._record_input)
+
+    def _record_input(self, module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self.input_shape = tuple(args[0].shape)
 
     def _anchors(self, cls_maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The anchors of one image of ``image_size`` for these head output maps."""
-        shape = (1, 0, *self.image_size)
-        anchors = self.detector.anchor_generator(torch.empty(shape, device=cls_maps[0].device), cls_maps)[0]
-        return anchors
+        """The anchors of one image of the latest input's size, for these head output maps."""
+        if self.input_shape is None or self.input_shape[0] != cls_maps[0].shape[0]:
+            raise ValueError(
+                "PerImageDetectionLoss takes the image size from detector.network's latest input; call it on the "
+                f"output of detector.network (batch {cls_maps[0].shape[0]}, latest input {self.input_shape})."
+            )
+        spatial = self.input_shape[2:]
+        for m in cls_maps:
+            if any(s % g for s, g in zip(spatial, m.shape[2:])):
+                raise ValueError(
+                    f"input size {list(spatial)} is not a multiple of the feature map size {list(m.shape[2:])}; "
+                    "give the network inputs divisible by its largest stride (the bundles' spatial_size)."
+                )
+        shape = (1, 0, *spatial)
+        return self.detector.anchor_generator(torch.empty(shape, device=cls_maps[0].device), cls_maps)[0]
+
+    def _match(self, anchors: torch.Tensor, target: Sequence[dict], locations: list[int]) -> list[torch.Tensor]:
+        """The detector's anchor matching of each image, reused while the very same box tensors come back."""
+        boxes = [t[self.detector.target_box_key] for t in target]
+        # identity, not equality: the cache holds the tensors (so their ids are not reused) and their versions
+        # (so an in-place edit is seen)
+        key = [(b, b._version) for b in boxes]
+        if self._matched is not None:
+            cached_key, cached_anchors, matched = self._matched
+            same = len(cached_key) == len(key) and all(c is b and v == w for (c, v), (b, w) in zip(cached_key, key))
+            if same and cached_anchors.shape == anchors.shape and torch.equal(cached_anchors, anchors):
+                return matched
+        matched = self.detector.compute_anchor_matched_idxs([anchors] * len(boxes), target, locations)
+        self._matched = (key, anchors, matched)
+        return matched
 
     def components(self, pred: dict[str, Sequence[torch.Tensor]], target: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Each loss component per image.
@@ -203,8 +238,8 @@ class PerImageDetectionLoss:
             ``{cls_key: (B,), box_reg_key: (B,)}``.
 
         Raises:
-            ValueError: when the targets are not one per image, or the anchors of ``image_size`` do not match the
-                head outputs.
+            ValueError: when the targets are not one per image, ``pred`` does not come from the latest forward pass
+                of ``detector.network``, or the input size is not a multiple of the feature maps'.
         """
         det = self.detector
         cls_maps, box_maps = list(pred[det.cls_key]), list(pred[det.box_reg_key])
@@ -213,13 +248,7 @@ class PerImageDetectionLoss:
             raise ValueError(f"{len(target)} targets for {batch} images; give one dict of boxes and labels per image.")
         cls_logits, box_regression = det._reshape_maps(cls_maps), det._reshape_maps(box_maps)
         anchors = self._anchors(cls_maps)
-        if anchors.shape[0] != cls_logits.shape[1]:
-            raise ValueError(
-                f"image_size {list(self.image_size)} gives {anchors.shape[0]} anchors but the network returned "
-                f"{cls_logits.shape[1]} anchor outputs; set image_size to the network's input size."
-            )
-        locations = [m.shape[2:].numel() for m in cls_maps]
-        matched = det.compute_anchor_matched_idxs([anchors] * batch, target, locations)
+        matched = self._match(anchors, target, [m.shape[2:].numel() for m in cls_maps])
         cls, box = [], []
         for i in range(batch):
             cls.append(det.compute_cls_loss(cls_logits[i : i + 1], target[i : i + 1], matched[i : i + 1]))

@@ -96,7 +96,7 @@ class DetectionMAP(Metric):
             iou_list=[0.5 if iou is None else float(iou)],
             iou_range=[0.5, 0.95, 0.05],
             max_detection=[self.max_detections],
-            per_class=False,
+            per_class=True,
             verbose=False,
         )
         self.reset()
@@ -159,4 +159,7 @@ class DetectionMAP(Metric):
         )
         results = self.coco(matches)[0]
         prefix = "mAP_IoU_0.50_0.95_0.05" if self.iou is None else f"AP_IoU_{float(self.iou):.2f}"
-        return torch.tensor(results[f"{prefix}_MaxDet_{self.max_detections}"], dtype=torch.float32)
+        # MONAI's class average counts a class without ground truth as -1; average the classes that have some
+        per_class = [results[f"{c}_{prefix}_MaxDet_{self.max_detections}"] for c in self.classes]
+        present = [v for v in per_class if v >= 0]
+        return torch.tensor(float(np.mean(present)) if present else -1.0, dtype=torch.float32)

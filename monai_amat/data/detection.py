@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.data import list_data_collate
+from monai.data import MetaTensor, list_data_collate
 from monai.engines.utils import PrepareBatch
 
 from monai_amat.data.bccd import bccd_datalist, make_embedded_bccd
@@ -100,7 +100,7 @@ class PrepareDetectionBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """``(images, targets)`` on ``device``: float boxes and int64 labels.
+        """``(images, targets)`` on ``device``: images as a plain tensor, float boxes and int64 labels.
 
         Raises:
             KeyError: when the batch lacks the image, box or label key.
@@ -108,7 +108,10 @@ class PrepareDetectionBatch(PrepareBatch):
         missing = [k for k in (self.image_key, self.box_key, self.label_key) if k not in batchdata]
         if missing:
             raise KeyError(f"detection batch lacks {missing}; it has {sorted(batchdata)}.")
-        images = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
+        images = batchdata[self.image_key]
+        # plain tensors: image metadata is not needed by the detector, and MetaTensor ops cost more per call
+        images = images.as_tensor() if isinstance(images, MetaTensor) else torch.as_tensor(images)
+        images = images.to(device=device, non_blocking=non_blocking, **kwargs)
         targets = [
             {
                 self.box_key: torch.as_tensor(boxes).float().reshape(-1, 2 * (images.dim() - 2)).to(device),

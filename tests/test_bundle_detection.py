@@ -1,0 +1,145 @@
+"""The BCCD detection bundle end to end, in-process as ``python -m monai.bundle run`` runs it."""
+
+import csv
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from monai.bundle import run
+from PIL import Image
+
+from monai_amat.data.bccd import make_embedded_bccd
+from tests.test_bundles_seg import chain, ckpt_export, configs
+from tests.test_bundles_seg import tiny as seg_tiny
+
+BUNDLE = "bccd_cell_detection_amat"
+SPATIAL = [64, 64]
+
+
+def tiny(tmp_path, **extra):
+    return seg_tiny(
+        tmp_path,
+        **{"batch_size": 2, "spatial_size": SPATIAL, "embedded_size": [96, 72], "anchor_sizes": [4, 8, 16], **extra},
+    )
+
+
+def test_detection_bundle_all_configs(tmp_path):
+    out = {k: tmp_path / k for k in ("std", "amat", "sat")}
+    run(config_file=configs(BUNDLE, "train", "train_std"), output_dir=str(out["std"]), **tiny(tmp_path))
+    assert (out["std"] / "model.pt").is_file() and (out["std"] / "checkpoint.pt").is_file()
+    run(config_file=configs(BUNDLE, "train", "calibrate"), ckpt_path=str(out["std"] / "model.pt"), **tiny(tmp_path))
+    thresholds = json.loads((tmp_path / "thresholds.json").read_text())
+    assert thresholds["criterion"] == "loss_threshold"
+    assert set(thresholds["thresholds"]) == {"classification", "box_regression"}
+    assert all(v > 0 for v in thresholds["thresholds"].values())
+
+    run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **tiny(tmp_path, epochs=2))
+    with open(out["amat"] / "margins.csv") as f:
+        rows = list(csv.DictReader(f))
+    train_items = 4  # 6 embedded images: 4 train, 1 validation, 1 test
+    for epoch in ("1", "2"):
+        assert sorted(int(r["index"]) for r in rows if r["epoch"] == epoch) == list(range(train_items))
+    assert all(float(r["margin"]) >= 0 for r in rows)
+    state = torch.load(out["amat"] / "model.pt", weights_only=True)
+    assert any(k.startswith("feature_extractor.fpn.") for k in state)  # the RetinaNet network's own state dict
+
+    run(config_file=configs(BUNDLE, "train", "evaluate"), output_dir=str(out["amat"]), **tiny(tmp_path))
+    report = json.loads((out["amat"] / "robustness.json").read_text())
+    assert report["eps"] == [0, 5, 10, 15] and report["task"] == "detection"
+    assert set(report["metrics"]) == {"map", "map_50"} and set(report["auc"]) == {"map", "map_50"}
+    assert all(-1 <= v <= 1 and len(vs) == 4 for vs in report["metrics"].values() for v in vs)
+    assert report["attack"]["steps"] == 2 and (out["amat"] / "robustness.png").is_file()
+
+    run(config_file=configs(BUNDLE, "train", "train_sat"), output_dir=str(out["sat"]), **tiny(tmp_path))
+    assert (out["sat"] / "model.pt").is_file()
+
+    images = tmp_path / "data" / "BCCD" / "JPEGImages"
+    run(
+        config_file=configs(BUNDLE, "inference"),
+        ckpt_path=str(out["amat"] / "model.pt"),
+        input_dir=str(images),
+        prediction_dir=str(tmp_path / "pred"),
+        spatial_size=SPATIAL,
+        anchor_sizes=[4, 8, 16],
+        score_thresh=0.0,
+    )
+    results = sorted((tmp_path / "pred").glob("*_detections.json"))
+    assert [p.name for p in results] == [f"BloodImage_{i:05d}_detections.json" for i in range(6)]
+    assert len(list((tmp_path / "pred").glob("*_detections.png"))) == 6
+    detections = json.loads(results[0].read_text())
+    assert detections["boxes"], "score_thresh 0 keeps boxes"
+    assert detections["scores"] == sorted(detections["scores"], reverse=True)
+    assert set(detections["classes"]) <= {"RBC", "WBC", "Platelets"}
+    for xmin, ymin, xmax, ymax in detections["boxes"]:  # back in the 96 x 72 pixels of the original image
+        assert 0 <= xmin <= xmax <= 96 and 0 <= ymin <= ymax <= 72
+    with Image.open(tmp_path / "pred" / "BloodImage_00000_detections.png") as overlay:
+        assert overlay.size == (96, 72)
+
+    ts = ckpt_export(BUNDLE, out["amat"] / "model.pt", tmp_path / "model.ts", spatial_size=str(SPATIAL))
+    scripted = torch.jit.load(str(ts))
+    heads = scripted(torch.zeros(1, 3, *SPATIAL))
+    assert [tuple(m.shape) for m in heads["classification"]] == [(1, 9, 16, 16), (1, 9, 8, 8), (1, 9, 4, 4)]
+
+
+def _voc_folder(tmp_path):
+    """A real-layout BCCD copy nested one level deeper (as in the BCCD repository), with two faulty boxes."""
+    src = make_embedded_bccd(tmp_path / "src", num_images=8, seed=3, size=(96, 72))
+    real = tmp_path / "BCCD_Dataset" / "BCCD"
+    shutil.copytree(src, real)
+    (real / "embedded.json").unlink()
+    train = (real / "ImageSets" / "Main" / "train.txt").read_text().split()
+    xml_path = real / "Annotations" / f"{train[0]}.xml"
+    tree = ET.parse(xml_path)
+    objects = tree.getroot().findall("object")
+    objects[0].find("bndbox/xmax").text = "500"  # past the border: clipped
+    objects[1].find("bndbox/xmin").text = objects[1].find("bndbox/xmax").text  # zero width: dropped
+    tree.write(xml_path)
+    return real, xml_path
+
+
+def test_real_voc_folder_with_faults(tmp_path):
+    real, faulty = _voc_folder(tmp_path)
+    common = dict(data_source="real", dataset_dir=str(real.parent), **tiny(tmp_path))
+    with pytest.warns(UserWarning, match=faulty.name) as warned:
+        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **common)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "clipped" in messages and "dropped 1 box" in messages
+    with open(tmp_path / "o" / "margins.csv") as f:
+        assert len(list(csv.DictReader(f))) == len((real / "ImageSets" / "Main" / "train.txt").read_text().split())
+
+    tree = ET.parse(faulty)
+    tree.getroot().find("object/name").text = "Neutrophil"
+    tree.write(faulty)
+    with pytest.raises(Exception) as info:
+        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o2"), **common)
+    assert "Neutrophil" in chain(info) and "class_map" in chain(info) and faulty.name in chain(info)
+    assert not (tmp_path / "o2" / "model.pt").exists()
+    class_map = {"RBC": 0, "WBC": 1, "Platelets": 2, "Neutrophil": 1}
+    with pytest.warns(UserWarning):
+        run(
+            config_file=configs(BUNDLE, "train", "train_std"),
+            output_dir=str(tmp_path / "o3"),
+            class_map=class_map,
+            **common,
+        )
+    assert (tmp_path / "o3" / "model.pt").is_file()
+
+    (real / "JPEGImages" / faulty.with_suffix(".jpg").name).unlink()
+    with pytest.raises(Exception) as info:
+        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o4"), class_map=class_map, **common)
+    assert faulty.with_suffix(".jpg").name in chain(info) and "does not exist" in chain(info)
+
+
+def test_missing_data_and_bad_settings_are_named(tmp_path):
+    with pytest.raises(Exception) as info:
+        run(config_file=configs(BUNDLE, "train"), data_source="real", dataset_dir=str(tmp_path / "none"), **tiny(tmp_path))
+    assert "JPEGImages" in chain(info) and "BCCD_Dataset" in chain(info)
+    with pytest.raises(Exception) as info:
+        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **tiny(tmp_path, delta=-1))
+    assert "'delta'" in chain(info)
+    with pytest.raises(Exception) as info:
+        run(config_file=configs(BUNDLE, "train", "evaluate"), eps_list=[0, 10, 5], **tiny(tmp_path))
+    assert "'eps_list'" in chain(info)
+    assert not (tmp_path / "o").exists()
