@@ -212,3 +212,23 @@ def test_detection_map_against_monai_coco_metric():
         empty.aggregate()
     with pytest.raises(ValueError, match="2 predictions for 1"):
         empty(preds[:2], truth[:1])
+
+
+def test_matching_is_reused_only_for_the_same_unchanged_boxes(detector):
+    detector.network.eval()
+    images, targets = torch.rand(3, 3, *SIZE), _targets()
+    loss, calls = PerImageDetectionLoss(detector), []
+    match = detector.compute_anchor_matched_idxs
+    detector.compute_anchor_matched_idxs = lambda *a: calls.append(1) or match(*a)
+    pred = detector.network(images)
+    loss(pred, targets)
+    loss(pred, targets)
+    assert len(calls) == 1
+    targets[0]["boxes"][0, 2] += 10.0  # an in-place edit is seen
+    torch.manual_seed(3)
+    edited = loss.components(pred, targets)
+    assert len(calls) == 2
+    copies = [{k: v.clone() for k, v in t.items()} for t in targets]  # equal boxes in new tensors: matched again
+    torch.manual_seed(3)
+    again = loss.components(pred, copies)
+    assert len(calls) == 3 and all(torch.allclose(edited[k], again[k]) for k in edited)
