@@ -134,7 +134,12 @@ def test_real_voc_folder_with_faults(tmp_path):
 
 def test_missing_data_and_bad_settings_are_named(tmp_path):
     with pytest.raises(Exception) as info:
-        run(config_file=configs(BUNDLE, "train"), data_source="real", dataset_dir=str(tmp_path / "none"), **tiny(tmp_path))
+        run(
+            config_file=configs(BUNDLE, "train"),
+            data_source="real",
+            dataset_dir=str(tmp_path / "none"),
+            **tiny(tmp_path),
+        )
     assert "JPEGImages" in chain(info) and "BCCD_Dataset" in chain(info)
     with pytest.raises(Exception) as info:
         run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **tiny(tmp_path, delta=-1))

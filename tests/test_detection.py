@@ -36,7 +36,9 @@ def _network(returned_layers=(1, 2)):
 @pytest.fixture
 def detector():
     torch.manual_seed(0)
-    anchors = AnchorGeneratorWithAnchorShape(feature_map_scales=[1, 2, 4], base_anchor_shapes=[[4, 4], [8, 8], [16, 16]])
+    anchors = AnchorGeneratorWithAnchorShape(
+        feature_map_scales=[1, 2, 4], base_anchor_shapes=[[4, 4], [8, 8], [16, 16]]
+    )
     return retinanet_detector(_network(), anchors, batch_size_per_image=32, min_neg=4, pool_size=4)
 
 
@@ -87,7 +89,9 @@ def test_per_image_losses_equal_the_detector_loss_of_each_image_alone(detector):
         assert torch.allclose(parts["box_regression"][i], alone["box_regression"], atol=1e-6)
     total = PerImageDetectionLoss(detector, weights={"classification": 2.0})
     torch.manual_seed(1)
-    assert torch.allclose(total(detector.network(images), targets), 2 * parts["classification"] + parts["box_regression"])
+    assert torch.allclose(
+        total(detector.network(images), targets), 2 * parts["classification"] + parts["box_regression"]
+    )
 
 
 def test_per_image_loss_errors(detector):
@@ -172,9 +176,7 @@ def test_detection_map_against_monai_coco_metric():
         labels = rng.integers(0, 3, 5)
         truth.append({"boxes": torch.tensor(gt), "labels": torch.tensor(labels)})
         noisy = gt + rng.normal(0, 1.5, gt.shape)
-        preds.append(
-            {"boxes": torch.tensor(noisy), "labels": torch.tensor(labels), "labels_scores": torch.rand(5)}
-        )
+        preds.append({"boxes": torch.tensor(noisy), "labels": torch.tensor(labels), "labels_scores": torch.rand(5)})
     classes = ["RBC", "WBC", "Platelets"]
     metric, metric_50 = DetectionMAP(classes), DetectionMAP(classes, iou=0.5)
     for m in (metric, metric_50):

@@ -1,0 +1,210 @@
+"""The comparison runner: the paper's protocol on a bundle, tables and plot, skipping, resuming, argument errors."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_amat.compare import load_model_result, main, write_comparison
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "msd_hippocampus_seg_amat"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_args(tmp_path, out, *extra):
+    """The done-when command shrunk: tiny embedded set (in tmp_path), 16 x 16 input, narrow network, 1 epoch."""
+    return [
+        "--bundle",
+        str(BUNDLE),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--attack_steps",
+        "2",
+        "--sat_eps",
+        "[1, 4]",
+        "--embedded_dir",
+        str(tmp_path / "data"),
+        "--embedded_cases",
+        "6",
+        "--spatial_size",
+        "[16, 16]",
+        "--filters",
+        "[8, 16, 32]",
+        *extra,
+    ]
+
+
+def run_files(out):
+    """``{path: mtime}`` of every file the stages wrote (the comparison files themselves are rewritten each time)."""
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not p.name.startswith("comparison.")}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core CPU, tiny networks run several times faster than with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_compare_runs_skips_resumes_and_reevaluates(tmp_path, capsys, one_thread):
+    out = tmp_path / "cmp"
+    args = tiny_args(tmp_path, out, "--in_process")
+    assert main(args) == 0
+    eps = json.loads((BUNDLE / "configs" / "evaluate.json").read_text())["eps_list"]
+
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["bundle"] == "msd_hippocampus_seg_amat" and comparison["eps"] == eps
+    assert [m["name"] for m in comparison["models"]] == ["STD", "AMAT", "SAT-1", "SAT-4"]
+    for m in comparison["models"]:
+        assert set(m["metrics"]) == {"dice_mean", "dice_total"} == set(m["auc"])
+        assert all(len(v) == len(eps) for v in m["metrics"].values())
+        assert m["train_seconds"] > 0
+    md = (out / "comparison.md").read_text()
+    assert "## dice_mean (higher is better)" in md and "| model | clean | eps 2 | eps 6 | eps 10 | AUC |" in md
+    assert all(f"| {n} |" in md for n in ("STD", "AMAT", "SAT-1", "SAT-4")) and "AUC: AMAT's" in md
+    assert (out / "comparison.png").read_bytes()[:8] == PNG
+
+    # the overrides reached every run: network width, epochs, attack steps, SAT level, data folder, thresholds
+    for run in ("std", "amat", "sat_1", "sat_4"):
+        state = torch.load(out / run / "model.pt", weights_only=True)
+        assert next(v for k, v in state.items() if k.endswith("conv1.conv.weight")).shape[0] == 8
+        ckpt = torch.load(out / run / "checkpoint.pt", weights_only=True)
+        assert ckpt["trainer"]["max_epochs"] == 1 and ckpt["trainer"]["iteration"] == ckpt["trainer"]["epoch_length"]
+        assert json.loads((out / run / "robustness.json").read_text())["attack"]["steps"] == 2
+    assert json.loads((out / "sat_4" / "compare_train_args.json").read_text())["sat_eps"] == 4.0
+    assert json.loads((out / "amat" / "compare_train_args.json").read_text())["train_attack_steps"] == 2
+    assert json.loads((out / "thresholds.json").read_text())["model"] == str(out / "std" / "model.pt")
+    assert (tmp_path / "data" / "Task04_Hippocampus" / "dataset.json").is_file()
+
+    # the same command again: every stage is skipped, nothing in the run folders is rewritten
+    before = run_files(out)
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert main(args) == 0
+    assert time.perf_counter() - t0 < 30
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 9
+    assert run_files(out) == before
+    assert json.loads((out / "comparison.json").read_text())["models"] == comparison["models"]
+
+    # a training setting changed: refused before anything runs
+    with pytest.raises(SystemExit) as info:
+        main(tiny_args(tmp_path, out, "--in_process", "--learning_rate", "0.01"))
+    assert info.value.code == 2 and "trained with other settings (learning_rate" in capsys.readouterr().err
+    assert run_files(out) == before
+
+    # an interrupted AMAT training (record unfinished, checkpoint.pt left): resumed, then re-evaluated
+    record = json.loads((out / "amat" / "compare_train.json").read_text())
+    (out / "amat" / "compare_train.json").write_text(json.dumps({**record, "finished": False}))
+    (out / "amat" / "model.pt").unlink()
+    assert main(args) == 0
+    assert "AMAT training -> amat/model.pt (resuming from checkpoint.pt)" in capsys.readouterr().out
+    assert json.loads((out / "amat" / "compare_train_args.json").read_text())["resume"] is True
+    assert json.loads((out / "amat" / "compare_train.json").read_text())["resumed"] is True
+    after = run_files(out)
+    changed = {p.relative_to(out).as_posix() for p in after if after[p] != before.get(p)}
+    assert {"amat/model.pt", "amat/robustness.json"} <= changed and not any(c.startswith("s") for c in changed)
+
+    # an evaluation setting changed: every model re-evaluated, nothing retrained
+    assert main([*args, "--eps_list", "[0, 3]"]) == 0
+    assert json.loads((out / "comparison.json").read_text())["eps"] == [0, 3]
+    assert all(after[p] == p.stat().st_mtime_ns for p in after if p.name == "model.pt")
+
+    # the default runner: one `python -m monai.bundle run` process per stage, its output shown and logged
+    (out / "sat_4" / "robustness.json").unlink()
+    cmd = [sys.executable, "-m", "monai_amat.compare", *tiny_args(tmp_path, out, "--eps_list", "[0, 3]")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("finished earlier, skipped") == 8 and "stage 9/9: SAT-4 evaluation done" in proc.stdout
+    assert "RobustEvaluator" in (out / "sat_4" / "compare_evaluate.log").read_text()
+    assert (out / "sat_4" / "robustness.json").is_file()
+
+
+def robustness(eps, metrics, steps=100):
+    return {
+        "task": "landmarks",
+        "attack": {"name": "PGD", "norm": "l2", "steps": steps, "alpha": 5.0, "random_start": False},
+        "eps": eps,
+        "metrics": metrics,
+    }
+
+
+def test_tables_and_plot_from_robustness_files(tmp_path):
+    eps = [0, 1, 2]
+    models = {  # sdr: higher is better; mre_mm: lower is better
+        "std": ("STD", {"sdr_2mm": [0.9, 0.1, 0.0], "mre_mm": [1.0, 5.0, 9.0]}, 10.0),
+        "amat": ("AMAT", {"sdr_2mm": [0.8, 0.6, 0.4], "mre_mm": [1.2, 2.0, 3.0]}, 40.0),
+        "sat_1": ("SAT-1", {"sdr_2mm": [0.85, 0.5, 0.2], "mre_mm": [1.1, 2.5, 4.0]}, 36.0),
+        "sat_5": ("SAT-5", {"sdr_2mm": [0.5, 0.45, 0.4], "mre_mm": [2.0, 2.0, 2.0]}, 44.0),
+    }
+    results = []
+    for folder, (name, metrics, seconds) in models.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "robustness.json").write_text(json.dumps(robustness(eps, metrics)))
+        record = {"finished": True, "train_seconds": seconds, "settings": {}}
+        (tmp_path / folder / "compare_train.json").write_text(json.dumps(record))
+        results.append(load_model_result(tmp_path / folder, name))
+    assert results[1]["auc"] == {"sdr_2mm": pytest.approx(1.2), "mre_mm": pytest.approx(4.1)}  # computed: no "auc"
+
+    comparison = write_comparison(tmp_path, "toy_bundle", eps, results, settings={"epochs": 3, "overrides": {}})
+    assert json.loads((tmp_path / "comparison.json").read_text()) == comparison
+    assert [m["train_seconds"] for m in comparison["models"]] == [10.0, 40.0, 36.0, 44.0]
+    md = (tmp_path / "comparison.md").read_text()
+    assert "evaluation attack: PGD L2, 100 steps, alpha 5.0; eps 0, 1, 2." in md and "Settings: epochs 3." in md
+    assert "## sdr_2mm (higher is better)" in md and "## mre_mm (lower is better)" in md
+    assert "| model | clean | eps 1 | eps 2 | AUC | training time (s) |" in md
+    assert "| AMAT | 0.800 | 0.600 | 0.400 | 1.200 | 40 |" in md
+    # sdr AUCs: AMAT 1.2, SAT-1 1.025, SAT-5 0.9 -> AMAT beats both; closest is SAT-1 (clean 0.85 vs 0.80)
+    assert "- AUC: AMAT's 1.200 is higher than every SAT's (best SAT: SAT-1 1.025): yes." in md
+    closest = "the SAT with the AUC closest to AMAT's"
+    assert f"- Clean: AMAT 0.800 vs SAT-1 0.850, {closest} (1.025): AMAT worse by 0.050." in md
+    # mre AUCs: AMAT 4.1, SAT-1 5.05, SAT-5 4.0 -> SAT-5 is lower; closest is SAT-5 (clean 2.0 vs 1.2, lower wins)
+    assert "- AUC: AMAT's 4.100 is not lower than every SAT's: SAT-5 4.000." in md
+    assert f"- Clean: AMAT 1.200 vs SAT-5 2.000, {closest} (4.000): AMAT better by 0.800." in md
+    assert "Training time: AMAT 40 s, SAT 40 s on average over 2 models: AMAT / SAT = 1.00." in md
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == PNG
+
+    with pytest.raises(ValueError, match="STD: sdr_2mm has 3 values for 2 eps"):
+        write_comparison(tmp_path, "toy_bundle", [0, 1], results)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bundle", "bundles/nowhere"], "argument --bundle: bundles/nowhere: no such bundle folder"),
+        (["--spatial_size"], "argument --spatial_size: expected one value"),
+        (["--spatial_size", "--epochs", "1"], "argument --spatial_size: expected one value"),
+        (["--sat_eps", "[1, -2]"], "argument --sat_eps: expected a number or a list of numbers >= 0"),
+        (["--sat_eps", "five"], "argument --sat_eps: expected a number or a list"),
+        (["--sat_eps", "[1, 1.0]"], "argument --sat_eps: repeated level"),
+        (["--epoch", "1"], "argument --epoch: not a config key of bundle msd_hippocampus_seg_amat"),
+        (["--resume", "True"], "argument --resume: the comparison runner sets it itself"),
+        (["--eps_list", "[0, 5, 2]"], "'eps_list'"),
+    ],
+)
+def test_argument_errors_name_the_argument(tmp_path, capsys, extra, message):
+    args = ["--bundle", str(BUNDLE), "--output_dir", str(tmp_path / "cmp"), "--in_process"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: python -m monai_amat.compare" in err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai_amat.compare", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.startswith("usage: python -m monai_amat.compare --bundle BUNDLE --output_dir DIR")
+    assert "[--KEY VALUE ...]" in proc.stdout and "--attack_steps K" in proc.stdout
