@@ -50,7 +50,8 @@ def add_sample_index(datalist: Sequence[Mapping[str, Any]], key: str = "index") 
 def move_into_place(tmp: Path, out_dir: Path, is_same: Callable[[], bool]) -> None:
     """Rename a freshly written folder ``tmp`` to ``out_dir``, replacing an older generated set there.
 
-    A concurrent writer (e.g. another rank) that got there first with the same set wins; the caller removes ``tmp``.
+    A concurrent writer (e.g. another rank) that got there first with the same set wins, and its set is left in
+    place (another rank may be reading it); the caller removes ``tmp``.
 
     Args:
         tmp: the complete new folder, beside ``out_dir``.
@@ -60,6 +61,8 @@ def move_into_place(tmp: Path, out_dir: Path, is_same: Callable[[], bool]) -> No
     Raises:
         OSError: when the rename fails for another reason.
     """
+    if out_dir.exists() and is_same():
+        return
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
         os.replace(out_dir, old)

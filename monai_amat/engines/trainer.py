@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -48,6 +49,11 @@ class RobustTrainer(SupervisedTrainer):
         grad_clip_norm: clip the gradient norm to this value (the nnU-Net code uses 12); None does not clip.
         bisection_steps: refine the first-wrong noise norm by bisection (see ``PGD.attack``).
         index_key: the batch key holding sample indices.
+        skip_non_finite: when a clean or adversarial loss is not finite (NaN, inf), skip the batch (no optimizer
+            step, no margin bookkeeping: ``AdversarialEvents.ATTACK_COMPLETED`` does not fire for it), log a warning
+            naming the epoch, iteration and sample indices, and count it in ``engine.state.skipped_batches``. Under
+            ``torch.distributed`` every rank skips a batch that any rank skips, so no rank waits for the others'
+            gradients. False (default): stop the run with a ``FloatingPointError`` carrying the same names.
         kwargs: any other ``SupervisedTrainer`` argument (``inferer``, ``prepare_batch``, ``train_handlers``,
             ``amp``, ``key_train_metric``, ``decollate``...). ``accumulation_steps`` other than 1 is not supported.
 
@@ -70,6 +76,7 @@ class RobustTrainer(SupervisedTrainer):
         grad_clip_norm: float | None = None,
         bisection_steps: int = 0,
         index_key: str = AdversarialKeys.INDEX,
+        skip_non_finite: bool = False,
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= beta <= 1.0:
@@ -98,6 +105,8 @@ class RobustTrainer(SupervisedTrainer):
         self.grad_clip_norm = grad_clip_norm
         self.bisection_steps = int(bisection_steps)
         self.index_key = index_key
+        self.skip_non_finite = bool(skip_non_finite)
+        self.state.skipped_batches = 0
 
     def budget(self, engine: RobustTrainer, indices: torch.Tensor | None, batch_size: int) -> tuple[Any, Any]:
         """Per-sample noise budget and random-start radius of this batch.
@@ -141,20 +150,34 @@ class RobustTrainer(SupervisedTrainer):
 
         return forward
 
-    def _check_finite(self, engine: RobustTrainer, losses: dict[str, torch.Tensor], indices: Any) -> None:
-        bad = ~torch.stack([torch.isfinite(v) for v in losses.values()]).all(0)
-        if bad.any():
-            where = bad.nonzero().flatten()
-            who = (
-                f"sample indices {indices[where.cpu()].tolist()}"
-                if indices is not None
-                else f"batch positions {where.tolist()}"
-            )
-            values = {k: v.detach()[where].tolist() for k, v in losses.items()}
-            raise FloatingPointError(
-                f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} "
-                f"for {who}: {values}."
-            )
+    def _non_finite(self, engine: RobustTrainer, losses: dict[str, torch.Tensor], indices: Any) -> str | None:
+        """A message naming the epoch, iteration and samples whose loss is not finite, or None when all are.
+
+        With ``skip_non_finite`` under ``torch.distributed``, the ranks agree (one all-reduce of a flag): a batch
+        skipped on one rank is skipped on all, and the other ranks' message says the loss was on another rank.
+
+        Args:
+            engine: this trainer.
+            losses: ``{name: (B,) per-sample loss}``.
+            indices: the batch's sample indices, or None.
+
+        Returns:
+            The message, or None.
+        """
+        bad = ~torch.stack([torch.isfinite(v.detach()) for v in losses.values()]).all(0)
+        any_bad = bool(bad.any())
+        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        if self.skip_non_finite and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([float(any_bad)], device=bad.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 and not any_bad:
+                return f"non-finite loss on another rank at {where}."
+        if not any_bad:
+            return None
+        pos = bad.nonzero().flatten().cpu()
+        who = f"sample indices {indices[pos].tolist()}" if indices is not None else f"batch positions {pos.tolist()}"
+        values = {k: v.detach()[pos.to(v.device)].tolist() for k, v in losses.items()}
+        return f"non-finite loss at {where} for {who}: {values}."
 
     def _iteration(self, engine: RobustTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         """One adversarial training iteration; returns ``engine.state.output``.
@@ -163,9 +186,14 @@ class RobustTrainer(SupervisedTrainer):
         :py:class:`AdversarialKeys`: the adversarial image and prediction, the per-sample eps, found flags,
         noise norms, clean-correct flags, clean and adversarial losses, and the sample indices.
 
+        The adversarial pass runs before ``ATTACK_COMPLETED`` fires, so that a batch with a non-finite loss can be
+        skipped (``skip_non_finite``) before any handler records it; then ``ATTACK_COMPLETED``,
+        ``FORWARD_COMPLETED`` and ``LOSS_COMPLETED`` fire in that order. A skipped batch fires none of them.
+
         Raises:
             ValueError: when ``batchdata`` is None or a loss is not one value per sample.
-            FloatingPointError: when a loss is not finite (naming the sample indices).
+            FloatingPointError: when a loss is not finite (naming the epoch, iteration and sample indices) and
+                ``skip_non_finite`` is False.
         """
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
@@ -209,18 +237,25 @@ class RobustTrainer(SupervisedTrainer):
                 AdversarialKeys.CLEAN_CORRECT: correct,
             }
         )
-        engine.fire_event(AdversarialEvents.ATTACK_COMPLETED)
-
         out[AdversarialKeys.ADV_PRED] = forward(result.adv)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         adv = check_per_sample(
             engine.loss_function(to_float32(out[AdversarialKeys.ADV_PRED]), targets), size, "loss_function"
         )
-        self._check_finite(engine, {"clean": clean, "adversarial": adv}, indices)
         loss = (1.0 - self.beta) * clean.mean() + self.beta * (adv * correct).sum() / size
         out.update(
             {Keys.LOSS: loss, AdversarialKeys.CLEAN_LOSS: clean.detach(), AdversarialKeys.ADV_LOSS: adv.detach()}
         )
+        problem = self._non_finite(engine, {"clean": clean, "adversarial": adv}, indices)
+        if problem is not None:
+            if not self.skip_non_finite:
+                raise FloatingPointError(problem)
+            engine.state.skipped_batches += 1
+            engine.logger.warning(f"skipped batch {engine.state.skipped_batches} of this run: {problem}")
+            out[Keys.LOSS] = loss.detach()
+            return out
+
+        engine.fire_event(AdversarialEvents.ATTACK_COMPLETED)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         if engine.amp and engine.scaler is not None:

@@ -1,0 +1,86 @@
+"""A bundle's ``multi_gpu_train.json`` in two gloo processes on the CPU, launched by ``torch.distributed.run``."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from monai.bundle import ConfigParser
+
+from tests.test_bundles_seg import ROOT, configs, tiny
+
+BUNDLE = "msd_hippocampus_seg_amat"
+N = 47  # one sample fewer than the 48 slices of 6 embedded cases: DistributedSampler pads rank 1 with a repeat
+
+
+def test_two_gloo_ranks_share_one_margin_table(tmp_path):
+    """torchrun, 2 processes, the bundle's multi_gpu_train.json; a NaN loss on rank 1 at iteration 2 is skipped."""
+    out = tmp_path / "amat"
+    override = {
+        **tiny(tmp_path, epochs=2, batch_size=4, default_tau=0.15, skip_non_finite=True),
+        "output_dir": str(out),
+        "train#dataset#data": f"$@data['train'][:{N}]",
+        "train#margins#num_samples": N,
+        "checkpoint#num_samples": N,
+    }
+    spec = {"config_file": configs(BUNDLE, "train", "multi_gpu_train"), "override": override, "nan_at": [1, 2]}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ranks.pt"), json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    result = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    rank0, rank1 = result["ranks"]
+    # the two ranks trained on different halves of the data (rank 1 has one repeat) ...
+    first, second = set(rank0["indices"]), set(rank1["indices"])
+    assert len(rank0["indices"]) == len(rank1["indices"]) == 24
+    assert first | second == set(range(N)) and len(first & second) == 1
+    # ... both skipped the batch whose loss was NaN on rank 1 only, and all-reduced gradients once per trained
+    # iteration: 2 epochs x 6 iterations, less the skipped one; the attacks' 2 x 11 PGD steps all-reduced nothing
+    assert result["iterations"] == 12 and rank0["skipped"] == rank1["skipped"] == 1
+    assert rank0["rounds"] == rank1["rounds"] == 11
+    # ... and hold one identical margin table, which is the checkpoint's and margins.csv's last epoch
+    m0, m1 = result["tables"]
+    assert m0.shape == (N,) and torch.equal(m0, m1)
+    assert len(set(m0.tolist())) > 1  # margins differ between samples: the comparison means something
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert torch.equal(ckpt["margins"]["margins"], m0) and len(ckpt["rng"]) == 2
+    with open(out / "margins.csv") as f:
+        rows = list(csv.DictReader(f))
+    for epoch in ("1", "2"):
+        assert sorted(int(r["index"]) for r in rows if r["epoch"] == epoch) == list(range(N))
+    assert len(rows) == 2 * N
+    last = torch.tensor([float(r["margin"]) for r in rows if r["epoch"] == "2"])
+    assert torch.allclose(last, m0, rtol=1e-6)
+
+    # rank 0 alone wrote the files, and the network is saved without DDP's "module." prefix: the single-process
+    # network of train.json loads model.pt and the checkpoint's network as they are
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1 and not list(out.glob(".*"))
+    parser = ConfigParser()
+    parser.read_config(configs(BUNDLE, "train"))
+    parser.update(tiny(tmp_path))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    net.load_state_dict(ckpt["network"])
+
+
+def test_multi_gpu_configs_override_only_what_train_json_defines():
+    bundles = sorted(p.parent.parent for p in (ROOT / "bundles").glob("*/configs/multi_gpu_train.json"))
+    assert {b.name for b in bundles} >= {
+        "msd_heart_seg_amat",
+        "msd_hippocampus_seg_amat",
+        "msd_prostate_seg_amat",
+        "isbi2015_ceph_landmark_amat",
+    }
+    for bundle in bundles:
+        multi = json.loads((bundle / "configs" / "multi_gpu_train.json").read_text())
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "train.json"))
+        for key in multi:
+            parent = key.lstrip("+").rsplit("#", 1)[0] if "#" in key else key.lstrip("+")
+            assert parent in parser, f"{bundle.name}: multi_gpu_train.json sets {key!r}, train.json lacks {parent!r}"
+        assert "DistributedDataParallel" in multi["network"]["_target_"]
+        assert any("init_process_group" in e and "gloo" in e for e in multi["initialize"])
