@@ -2,7 +2,10 @@
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -11,7 +14,7 @@ from monai.bundle import run
 from PIL import Image
 
 from monai_amat.data.bccd import make_embedded_bccd
-from tests.test_bundles_seg import chain, ckpt_export, configs
+from tests.test_bundles_seg import ROOT, chain, ckpt_export, configs
 from tests.test_bundles_seg import tiny as seg_tiny
 
 BUNDLE = "bccd_cell_detection_amat"
@@ -148,3 +151,27 @@ def test_missing_data_and_bad_settings_are_named(tmp_path):
         run(config_file=configs(BUNDLE, "train", "evaluate"), eps_list=[0, 10, 5], **tiny(tmp_path))
     assert "'eps_list'" in chain(info)
     assert not (tmp_path / "o").exists()
+
+
+def test_two_gloo_ranks_train_the_detector(tmp_path):
+    """multi_gpu_train.json under torchrun on CPU: every training image once per epoch in margins.csv, one model."""
+    out = tmp_path / "ddp"
+    overrides = {**tiny(tmp_path, embedded_cases=10, epochs=2), "output_dir": str(out)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle"]
+    cmd += ["run", "--config_file", str(configs(BUNDLE, "train", "multi_gpu_train"))]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", repr(value) if not isinstance(value, str) else value]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "margins.csv") as f:
+        rows = list(csv.DictReader(f))
+    for epoch in ("1", "2"):  # 10 images: 6 train, 3 per rank
+        assert sorted(int(r["index"]) for r in rows if r["epoch"] == epoch) == list(range(6))
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == [
+        "checkpoint.pt",
+        "margins.csv",
+        "model.pt",
+        "model_best.pt",
+    ]

@@ -20,7 +20,13 @@ from monai_amat.utils import atomic_write
 from tests.conftest import seg_loader, small_unet, synthetic_seg_data
 from tests.test_bundles_seg import chain, configs, tiny
 
-BUNDLES = ["msd_heart_seg_amat", "msd_hippocampus_seg_amat", "msd_prostate_seg_amat", "isbi2015_ceph_landmark_amat"]
+BUNDLES = [
+    "msd_heart_seg_amat",
+    "msd_hippocampus_seg_amat",
+    "msd_prostate_seg_amat",
+    "isbi2015_ceph_landmark_amat",
+    "bccd_cell_detection_amat",
+]
 
 # (overrides, configs merged, the key the error must name)
 BAD_VALUES = [
