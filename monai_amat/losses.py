@@ -167,8 +167,9 @@ class PerImageDetectionLoss:
     the network's latest input (a forward pre-hook on ``detector.network`` records it), so the loss must follow
     the forward pass that produced ``pred``, as engines and attacks do. The anchor-to-box matching depends on the
     boxes only, so it is kept while the same target tensors come back (a training iteration's clean pass, attack
-    iterates and adversarial pass match once). The hard negative sampler draws from the torch random generator, as
-    in the detector.
+    iterates and adversarial pass match once). A call on the detached head outputs of the previous call (an attack's
+    criterion after its loss) returns the previous values, detached, instead of drawing new hard negatives. The hard
+    negative sampler draws from the torch random generator, as in the detector.
 
     Args:
         detector: a configured ``RetinaNetDetector`` (matcher and sampler set, e.g. by
@@ -189,6 +190,7 @@ class PerImageDetectionLoss:
         self.weights.update({k: float(v) for k, v in (weights or {}).items()})
         self.input_shape: tuple[int, ...] | None = None
         self._matched: tuple[list[tuple[torch.Tensor, int]], torch.Tensor, list[torch.Tensor]] | None = None
+        self._last: tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]], dict[str, torch.Tensor]] | None = None
         detector.network.register_forward_pre_hook(self._record_input)
 
     def _record_input(self, module: nn.Module, args: tuple) -> None:
@@ -212,20 +214,49 @@ class PerImageDetectionLoss:
         shape = (1, 0, *spatial)
         return self.detector.anchor_generator(torch.empty(shape, device=cls_maps[0].device), cls_maps)[0]
 
+    def _boxes_key(self, target: Sequence[dict]) -> list[tuple[torch.Tensor, int]]:
+        """The targets' box tensors with their versions, as a cache key.
+
+        Identity, not equality: the caches hold the tensors, so their ids are not reused; an in-place edit bumps the
+        version.
+        """
+        return [(t[self.detector.target_box_key], t[self.detector.target_box_key]._version) for t in target]
+
+    @staticmethod
+    def _same_key(a: list[tuple[torch.Tensor, int]], b: list[tuple[torch.Tensor, int]]) -> bool:
+        return len(a) == len(b) and all(x is y and v == w for (x, v), (y, w) in zip(a, b))
+
     def _match(self, anchors: torch.Tensor, target: Sequence[dict], locations: list[int]) -> list[torch.Tensor]:
         """The detector's anchor matching of each image, reused while the very same box tensors come back."""
-        boxes = [t[self.detector.target_box_key] for t in target]
-        # identity, not equality: the cache holds the tensors (so their ids are not reused) and their versions
-        # (so an in-place edit is seen)
-        key = [(b, b._version) for b in boxes]
+        key = self._boxes_key(target)
         if self._matched is not None:
             cached_key, cached_anchors, matched = self._matched
-            same = len(cached_key) == len(key) and all(c is b and v == w for (c, v), (b, w) in zip(cached_key, key))
-            if same and cached_anchors.shape == anchors.shape and torch.equal(cached_anchors, anchors):
+            same_anchors = cached_anchors.shape == anchors.shape and torch.equal(cached_anchors, anchors)
+            if same_anchors and self._same_key(cached_key, key):
                 return matched
-        matched = self.detector.compute_anchor_matched_idxs([anchors] * len(boxes), target, locations)
+        matched = self.detector.compute_anchor_matched_idxs([anchors] * len(key), target, locations)
         self._matched = (key, anchors, matched)
         return matched
+
+    def _repeated(self, maps: list[torch.Tensor], target: Sequence[dict]) -> dict[str, torch.Tensor] | None:
+        """The previous call's values, detached, when ``maps`` are detached views of its maps, else None.
+
+        The targets must be the same too. The cache keeps the previous maps alive, so equal storage, shape, strides
+        and version mean equal data.
+        """
+        if self._last is None or any(m.requires_grad for m in maps):
+            return None
+        last_maps, last_key, parts = self._last
+        same_maps = len(last_maps) == len(maps) and all(
+            a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and a._version == b._version
+            for a, b in zip(last_maps, maps)
+        )
+        if same_maps and self._same_key(last_key, self._boxes_key(target)):
+            return {k: v.detach() for k, v in parts.items()}
+        return None
 
     def components(self, pred: dict[str, Sequence[torch.Tensor]], target: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Each loss component per image.
@@ -243,6 +274,9 @@ class PerImageDetectionLoss:
         """
         det = self.detector
         cls_maps, box_maps = list(pred[det.cls_key]), list(pred[det.box_reg_key])
+        repeated = self._repeated(cls_maps + box_maps, target)
+        if repeated is not None:
+            return repeated
         batch = cls_maps[0].shape[0]
         if len(target) != batch:
             raise ValueError(f"{len(target)} targets for {batch} images; give one dict of boxes and labels per image.")
@@ -254,7 +288,9 @@ class PerImageDetectionLoss:
             cls.append(det.compute_cls_loss(cls_logits[i : i + 1], target[i : i + 1], matched[i : i + 1]))
             box_i = det.compute_box_loss(box_regression[i : i + 1], target[i : i + 1], [anchors], matched[i : i + 1])
             box.append(box_i.to(box_regression))
-        return {det.cls_key: torch.stack(cls), det.box_reg_key: torch.stack(box)}
+        parts = {det.cls_key: torch.stack(cls), det.box_reg_key: torch.stack(box)}
+        self._last = (cls_maps + box_maps, self._boxes_key(target), parts)
+        return parts
 
     def __call__(self, pred: dict[str, Sequence[torch.Tensor]], target: Sequence[dict]) -> torch.Tensor:
         """The weighted sum of :py:meth:`components`, ``(B,)``."""

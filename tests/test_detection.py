@@ -234,3 +234,25 @@ def test_matching_is_reused_only_for_the_same_unchanged_boxes(detector):
     torch.manual_seed(3)
     again = loss.components(pred, copies)
     assert len(calls) == 3 and all(torch.allclose(edited[k], again[k]) for k in edited)
+
+
+def test_detached_repeat_of_the_last_call_reuses_its_values(detector):
+    """An attack's criterion on the detached outputs it just ascended sees the same losses, computed once."""
+    detector.network.train()
+    images, targets = torch.rand(2, 3, *SIZE), _targets(2)
+    loss, calls = PerImageDetectionLoss(detector), []
+    compute = detector.compute_cls_loss
+    detector.compute_cls_loss = lambda *a: calls.append(1) or compute(*a)
+    pred = detector.network(images)
+    first = loss.components(pred, targets)
+    assert len(calls) == 2 and first["classification"].requires_grad
+    again = loss.components({k: [m.detach() for m in v] for k, v in pred.items()}, targets)
+    assert len(calls) == 2 and all(torch.equal(first[k].detach(), again[k]) for k in first)
+    assert not again["classification"].requires_grad
+    loss.components(pred, targets)  # with gradients wanted: computed again
+    assert len(calls) == 4
+    loss.components({k: [m.detach() for m in v] for k, v in pred.items()}, _targets(2))  # other targets
+    assert len(calls) == 6
+    with torch.no_grad():
+        loss.components(detector.network(images), targets)  # a new forward pass
+    assert len(calls) == 8
