@@ -1,8 +1,10 @@
-"""AMAT vs SAT epoch wall time of a bundle, measured side by side: epochs of the two trainers alternate.
+"""AMAT vs SAT epoch wall time and peak memory of a bundle, measured side by side: epochs of the two trainers alternate.
 
 Both trainers come from the bundle's own configs (train.json, and train.json + train_sat.json), on the same data,
 with the same attack steps. Each round runs one more epoch of AMAT, then one more of SAT (validation included, as in
-a real run); the script prints the median epoch time of each and their ratio.
+a real run); the script prints the median epoch time of each and their ratio. Peak memory: CUDA's max allocated
+over the timed epochs; on the CPU the peak RSS growth of one epoch after a warm-up epoch, in a fresh process per
+trainer.
 
 Usage: python benchmarks/bench_bundle_epoch.py [--bundle msd_hippocampus_seg_amat] [--rounds 6] [--KEY VALUE ...]
 (any other --KEY VALUE is a config override, e.g. --train_attack_steps 20 --data_source real --dataset_dir DIR).
@@ -14,10 +16,14 @@ import argparse
 import ast
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from memory import peak_rss_growth_mb
 from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +42,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle", default="msd_hippocampus_seg_amat")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     overrides = {}
     for key, value in zip(rest[::2], rest[1::2]):
@@ -45,24 +52,45 @@ def main():
             overrides[key.lstrip("-")] = value
     tmp = Path(tempfile.mkdtemp())
     common = {"epochs": args.rounds + 1, "thresholds_file": str(tmp / "none.json"), **overrides}
+    configs = {"AMAT": ["train"], "SAT": ["train", "train_sat"]}
+    if args.child:
+        t = trainer(args.bundle, configs[args.child], {**common, "output_dir": str(tmp / "child")})
+        t.state.max_epochs = 1
+        t.run()  # warm-up
+        t.state.max_epochs = 2
+        print(peak_rss_growth_mb(t.run))
+        return
     trainers = {
-        "AMAT": trainer(args.bundle, ["train"], {**common, "output_dir": str(tmp / "amat")}),
-        "SAT": trainer(args.bundle, ["train", "train_sat"], {**common, "output_dir": str(tmp / "sat")}),
+        name: trainer(args.bundle, names, {**common, "output_dir": str(tmp / name)}) for name, names in configs.items()
     }
+    cuda = torch.cuda.is_available() and trainers["AMAT"].state.device.type == "cuda"
+    peak = {}
     times = {k: [] for k in trainers}
     for r in range(args.rounds + 1):
         for name, t in trainers.items():
             t.state.max_epochs = r + 1
+            if cuda and r == 1:
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             t.run()
             if r > 0:  # the first epoch warms up
                 times[name].append(time.perf_counter() - start)
+            if cuda and r == 1:
+                peak[name] = torch.cuda.max_memory_allocated() / 2**20
+    for name in trainers if not cuda else ():
+        cmd = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
+        peak[name] = float(subprocess.check_output(cmd, text=True).strip().splitlines()[-1])
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(
-        json.dumps(
-            {"bundle": args.bundle, "overrides": overrides, "epoch_s": med, "amat/sat": med["AMAT"] / med["SAT"]}
-        )
-    )
+    result = {
+        "bundle": args.bundle,
+        "overrides": overrides,
+        "device": str(trainers["AMAT"].state.device),
+        "epoch_s": med,
+        "amat/sat": med["AMAT"] / med["SAT"],
+        "peak_mb": peak,
+        "amat/sat_peak": peak["AMAT"] / peak["SAT"] if peak["SAT"] > 0 else None,
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
+from memory import peak_rss_growth_mb
 from monai.networks.nets import DynUNet
 
 from monai_amat.attacks import PGD
@@ -167,29 +166,9 @@ def trainer(kind, args, device):
     return lambda: t._iteration(t, batch)
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def child_peak_rss(kind, args):
-    """Peak RSS growth during one iteration, sampled by a thread, in a fresh process (the CPU has no allocator
-    counter like CUDA's max_memory_allocated)."""
-    step = trainer(kind, args, torch.device("cpu"))
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.0005)
-
-    base = rss_bytes()
-    thread = threading.Thread(target=sample)
-    thread.start()
-    step()
-    stop.set()
-    thread.join()
-    return (max(peak[0], rss_bytes()) - base) / 2**20
+    """Peak RSS growth during one iteration, in a fresh process."""
+    return peak_rss_growth_mb(trainer(kind, args, torch.device("cpu")))
 
 
 def bench_amat_vs_sat(args, device):
