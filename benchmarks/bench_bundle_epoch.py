@@ -3,8 +3,8 @@
 Both trainers come from the bundle's own configs (train.json, and train.json + train_sat.json), on the same data,
 with the same attack steps. Each round runs one more epoch of AMAT, then one more of SAT (validation included, as in
 a real run); the script prints the median epoch time of each and their ratio. Peak memory: CUDA's max allocated
-over the timed epochs; on the CPU the peak RSS growth of one epoch after a warm-up epoch, in a fresh process per
-trainer.
+over the timed epochs; on the CPU the peak RSS growth of a first epoch (data already loaded), in a fresh process
+per trainer.
 
 Usage: python benchmarks/bench_bundle_epoch.py [--bundle msd_hippocampus_seg_amat] [--rounds 6] [--KEY VALUE ...]
 (any other --KEY VALUE is a config override, e.g. --train_attack_steps 20 --data_source real --dataset_dir DIR).
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from memory import peak_rss_growth_mb
+from memory import child_env, peak_rss_growth_mb
 from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,6 @@ def main():
     if args.child:
         t = trainer(args.bundle, configs[args.child], {**common, "output_dir": str(tmp / "child")})
         t.state.max_epochs = 1
-        t.run()  # warm-up
-        t.state.max_epochs = 2
         print(peak_rss_growth_mb(t.run))
         return
     trainers = {
@@ -79,7 +77,7 @@ def main():
                 peak[name] = torch.cuda.max_memory_allocated() / 2**20
     for name in trainers if not cuda else ():
         cmd = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
-        peak[name] = float(subprocess.check_output(cmd, text=True).strip().splitlines()[-1])
+        peak[name] = float(subprocess.check_output(cmd, text=True, env=child_env()).strip().splitlines()[-1])
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "bundle": args.bundle,

@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from memory import peak_rss_growth_mb
+from memory import child_env, peak_rss_growth_mb
 from monai.networks.nets import DynUNet
 
 from monai_amat.attacks import PGD
@@ -184,7 +184,8 @@ def bench_amat_vs_sat(args, device):
             res[kind]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         else:
             cmd = [sys.executable, __file__, "--child", kind] + [a for a in sys.argv[1:] if a != "--child"]
-            res[kind]["peak_mb"] = float(subprocess.check_output(cmd, text=True).strip().splitlines()[-1])
+            out = subprocess.check_output(cmd, text=True, env=child_env())
+            res[kind]["peak_mb"] = float(out.strip().splitlines()[-1])
     for kind in ("sat_mixed", "sat_adv_only"):
         res[f"amat/{kind}"] = {k: res["amat"][k] / res[kind][k] for k in ("iteration_s", "peak_mb") if res[kind][k] > 0}
     return res

@@ -15,6 +15,50 @@ from monai_amat.transforms.landmarks import split_landmark_output
 __all__ = ["PerSampleLoss", "PerSampleDiceCELoss", "PerSampleLandmarkLoss", "PerImageDetectionLoss"]
 
 
+def _identity_key(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """Tensors with their versions, as a cache key.
+
+    Identity, not equality: a cache that holds the tensors keeps their ids from being reused; an in-place edit bumps
+    the version.
+    """
+    return [(t, t._version) for t in tensors]
+
+
+def _same_identity(key: list[tuple[torch.Tensor, int]], tensors: Sequence[torch.Tensor]) -> bool:
+    return len(key) == len(tensors) and all(k is t and v == t._version for (k, v), t in zip(key, tensors))
+
+
+class _LastComponents:
+    """A loss's last per-sample components, returned again (detached) for detached views of the same prediction.
+
+    The targets must be the very same tensors. This is an attack's criterion right after the loss it ascended: it
+    sees the values the attack computed instead of computing them again.
+
+    The cache keeps the prediction tensors alive, so equal storage, shape, strides and version mean equal data.
+    """
+
+    def __init__(self) -> None:
+        self.last: tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]], dict[str, torch.Tensor]] | None = None
+
+    def get(self, pred: list[torch.Tensor], target: list[torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if self.last is None or any(p.requires_grad for p in pred):
+            return None
+        last_pred, last_target, parts = self.last
+        same_pred = len(last_pred) == len(pred) and all(
+            a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and a._version == b._version
+            for a, b in zip(last_pred, pred)
+        )
+        if same_pred and _same_identity(last_target, target):
+            return {k: v.detach() for k, v in parts.items()}
+        return None
+
+    def put(self, pred: list[torch.Tensor], target: list[torch.Tensor], parts: dict[str, torch.Tensor]) -> None:
+        self.last = (list(pred), _identity_key(target), parts)
+
+
 class PerSampleLoss(nn.Module):
     """Reduce an unreduced loss to one value per sample (mean over all but the batch dimension).
 
@@ -124,6 +168,7 @@ class PerSampleLandmarkLoss(nn.Module):
         self.heatmap = heatmap
         self.lambda_offset = lambda_offset
         self.smooth = smooth
+        self._last = _LastComponents()
 
     def components(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample loss components.
@@ -133,8 +178,12 @@ class PerSampleLandmarkLoss(nn.Module):
             target: ``(B, 3K, H, W)`` as made by ``LandmarkTargetd``.
 
         Returns:
-            ``{"heatmap", "offset_x", "offset_y"}``, each ``(B,)``.
+            ``{"heatmap", "offset_x", "offset_y"}``, each ``(B,)``; a call on a detached view of the previous call's
+            ``pred`` with the same ``target`` returns the previous values, detached.
         """
+        repeated = self._last.get([pred], [target])
+        if repeated is not None:
+            return repeated
         heat, off_x, off_y = split_landmark_output(pred)
         disk, tx, ty = split_landmark_output(target)
         if self.heatmap == "dice":
@@ -145,11 +194,13 @@ class PerSampleLandmarkLoss(nn.Module):
         else:
             heat_loss = F.binary_cross_entropy_with_logits(heat, disk, reduction="none").flatten(1).mean(1)
         area = disk.flatten(1).sum(1).clamp_min(1.0)
-        return {
+        parts = {
             "heatmap": heat_loss,
             "offset_x": ((off_x - tx).abs() * disk).flatten(1).sum(1) / area,
             "offset_y": ((off_y - ty).abs() * disk).flatten(1).sum(1) / area,
         }
+        self._last.put([pred], [target], parts)
+        return parts
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(B,)`` per-sample loss."""
@@ -190,7 +241,7 @@ class PerImageDetectionLoss:
         self.weights.update({k: float(v) for k, v in (weights or {}).items()})
         self.input_shape: tuple[int, ...] | None = None
         self._matched: tuple[list[tuple[torch.Tensor, int]], torch.Tensor, list[torch.Tensor]] | None = None
-        self._last: tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]], dict[str, torch.Tensor]] | None = None
+        self._last = _LastComponents()
         detector.network.register_forward_pre_hook(self._record_input)
 
     def _record_input(self, module: nn.Module, args: tuple) -> None:
@@ -214,49 +265,17 @@ class PerImageDetectionLoss:
         shape = (1, 0, *spatial)
         return self.detector.anchor_generator(torch.empty(shape, device=cls_maps[0].device), cls_maps)[0]
 
-    def _boxes_key(self, target: Sequence[dict]) -> list[tuple[torch.Tensor, int]]:
-        """The targets' box tensors with their versions, as a cache key.
-
-        Identity, not equality: the caches hold the tensors, so their ids are not reused; an in-place edit bumps the
-        version.
-        """
-        return [(t[self.detector.target_box_key], t[self.detector.target_box_key]._version) for t in target]
-
-    @staticmethod
-    def _same_key(a: list[tuple[torch.Tensor, int]], b: list[tuple[torch.Tensor, int]]) -> bool:
-        return len(a) == len(b) and all(x is y and v == w for (x, v), (y, w) in zip(a, b))
-
     def _match(self, anchors: torch.Tensor, target: Sequence[dict], locations: list[int]) -> list[torch.Tensor]:
         """The detector's anchor matching of each image, reused while the very same box tensors come back."""
-        key = self._boxes_key(target)
+        boxes = [t[self.detector.target_box_key] for t in target]
         if self._matched is not None:
             cached_key, cached_anchors, matched = self._matched
             same_anchors = cached_anchors.shape == anchors.shape and torch.equal(cached_anchors, anchors)
-            if same_anchors and self._same_key(cached_key, key):
+            if same_anchors and _same_identity(cached_key, boxes):
                 return matched
-        matched = self.detector.compute_anchor_matched_idxs([anchors] * len(key), target, locations)
-        self._matched = (key, anchors, matched)
+        matched = self.detector.compute_anchor_matched_idxs([anchors] * len(boxes), target, locations)
+        self._matched = (_identity_key(boxes), anchors, matched)
         return matched
-
-    def _repeated(self, maps: list[torch.Tensor], target: Sequence[dict]) -> dict[str, torch.Tensor] | None:
-        """The previous call's values, detached, when ``maps`` are detached views of its maps, else None.
-
-        The targets must be the same too. The cache keeps the previous maps alive, so equal storage, shape, strides
-        and version mean equal data.
-        """
-        if self._last is None or any(m.requires_grad for m in maps):
-            return None
-        last_maps, last_key, parts = self._last
-        same_maps = len(last_maps) == len(maps) and all(
-            a.data_ptr() == b.data_ptr()
-            and a.shape == b.shape
-            and a.stride() == b.stride()
-            and a._version == b._version
-            for a, b in zip(last_maps, maps)
-        )
-        if same_maps and self._same_key(last_key, self._boxes_key(target)):
-            return {k: v.detach() for k, v in parts.items()}
-        return None
 
     def components(self, pred: dict[str, Sequence[torch.Tensor]], target: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Each loss component per image.
@@ -274,7 +293,8 @@ class PerImageDetectionLoss:
         """
         det = self.detector
         cls_maps, box_maps = list(pred[det.cls_key]), list(pred[det.box_reg_key])
-        repeated = self._repeated(cls_maps + box_maps, target)
+        boxes = [t[det.target_box_key] for t in target]
+        repeated = self._last.get(cls_maps + box_maps, boxes)
         if repeated is not None:
             return repeated
         batch = cls_maps[0].shape[0]
@@ -289,7 +309,7 @@ class PerImageDetectionLoss:
             box_i = det.compute_box_loss(box_regression[i : i + 1], target[i : i + 1], [anchors], matched[i : i + 1])
             box.append(box_i.to(box_regression))
         parts = {det.cls_key: torch.stack(cls), det.box_reg_key: torch.stack(box)}
-        self._last = (cls_maps + box_maps, self._boxes_key(target), parts)
+        self._last.put(cls_maps + box_maps, boxes, parts)
         return parts
 
     def __call__(self, pred: dict[str, Sequence[torch.Tensor]], target: Sequence[dict]) -> torch.Tensor:

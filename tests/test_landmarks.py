@@ -94,3 +94,24 @@ def test_decode_post_transform_maps_back_to_original_pixels():
     out = DecodeLandmarksd(radius_ratio=0.05)(d)
     assert torch.allclose(out["pred_landmarks"], torch.as_tensor(lm), atol=1e-3)
     assert torch.equal(out["true_landmarks"], torch.as_tensor(lm))
+
+
+def test_landmark_loss_reuses_its_values_for_the_detached_repeat(monkeypatch):
+    """The attack's criterion right after the loss sees the same components without computing them again."""
+    import monai_amat.losses as losses
+
+    calls = []
+    split = losses.split_landmark_output
+    monkeypatch.setattr(losses, "split_landmark_output", lambda t: calls.append(1) or split(t))
+    loss = PerSampleLandmarkLoss()
+    pred = torch.randn(2, 6, 12, 10, requires_grad=True) * 1.0
+    target = torch.rand(2, 6, 12, 10)
+    first = loss.components(pred, target)
+    again = loss.components(pred.detach(), target)
+    assert len(calls) == 2 and all(torch.equal(first[k].detach(), again[k]) for k in first)
+    loss.components(pred.detach(), target.clone())  # other target tensor: computed
+    loss.components(pred.detach() + 0, target)  # other prediction: computed
+    with torch.no_grad():
+        pred.mul_(2)  # an in-place edit of the prediction: computed
+    loss.components(pred.detach(), target)
+    assert len(calls) == 8
