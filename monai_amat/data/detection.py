@@ -14,7 +14,7 @@ from monai.data import MetaTensor, list_data_collate
 from monai.engines.utils import PrepareBatch
 
 from monai_amat.data.bccd import bccd_datalist, make_embedded_bccd
-from monai_amat.data.utils import add_sample_index
+from monai_amat.data.utils import add_sample_index, data_root
 
 __all__ = ["bccd_sets", "detection_collate", "PrepareDetectionBatch"]
 
@@ -46,16 +46,13 @@ def bccd_sets(
     Raises:
         ValueError: for an unknown ``data_source`` or a missing folder argument.
     """
-    if data_source == "embedded":
-        if embedded_dir is None:
-            raise ValueError("data_source 'embedded' needs embedded_dir.")
-        root = make_embedded_bccd(embedded_dir, num_images=embedded_cases, seed=seed, size=tuple(embedded_size))
-    elif data_source == "real":
-        if not dataset_dir:
-            raise ValueError("data_source 'real' needs dataset_dir: the BCCD folder holding JPEGImages/.")
-        root = dataset_dir
-    else:
-        raise ValueError(f"data_source must be 'embedded' or 'real', got {data_source!r}.")
+    root = data_root(
+        data_source,
+        dataset_dir,
+        embedded_dir,
+        lambda folder: make_embedded_bccd(folder, num_images=embedded_cases, seed=seed, size=tuple(embedded_size)),
+        "the BCCD folder holding JPEGImages/",
+    )
     sets = {split: bccd_datalist(root, split, class_map) for split in ("train", "val", "test")}
     sets["train"] = add_sample_index(sets["train"])
     return sets

@@ -9,7 +9,7 @@ from typing import Any
 from monai.data import PILReader
 
 from monai_amat.data.isbi2015 import isbi2015_datalist, isbi2015_split, make_embedded_isbi2015
-from monai_amat.data.utils import add_sample_index
+from monai_amat.data.utils import add_sample_index, data_root
 
 __all__ = ["isbi2015_sets", "ceph_reader"]
 
@@ -50,16 +50,13 @@ def isbi2015_sets(
     Raises:
         ValueError: for an unknown ``data_source`` or a missing folder argument.
     """
-    if data_source == "embedded":
-        if embedded_dir is None:
-            raise ValueError("data_source 'embedded' needs embedded_dir.")
-        root = make_embedded_isbi2015(embedded_dir, num_images=embedded_cases, seed=seed, size=tuple(embedded_size))
-        ids = None
-    elif data_source == "real":
-        if not dataset_dir:
-            raise ValueError("data_source 'real' needs dataset_dir: the ISBI 2015 folder holding RawImage/.")
-        root, ids = dataset_dir, range(1, 301)
-    else:
-        raise ValueError(f"data_source must be 'embedded' or 'real', got {data_source!r}.")
+    root = data_root(
+        data_source,
+        dataset_dir,
+        embedded_dir,
+        lambda folder: make_embedded_isbi2015(folder, num_images=embedded_cases, seed=seed, size=tuple(embedded_size)),
+        "the ISBI 2015 folder holding RawImage/",
+    )
+    ids = None if data_source == "embedded" else range(1, 301)  # the embedded ids are not the paper's
     split = isbi2015_split(isbi2015_datalist(root, ids=ids, use_doctors=use_doctors))
     return {"train": add_sample_index(split["train"]), "val": split["val"], "test": split["test"]}

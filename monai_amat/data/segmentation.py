@@ -10,7 +10,7 @@ import numpy as np
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Resized
 
 from monai_amat.data.msd import check_case, make_embedded_msd, read_msd, split_cases
-from monai_amat.data.utils import add_sample_index
+from monai_amat.data.utils import add_sample_index, data_root
 
 __all__ = ["volume_transforms", "volume_slices", "msd_slices"]
 
@@ -101,16 +101,13 @@ def msd_slices(
         ValueError: for an unknown ``data_source`` or a missing folder argument; the MSD reader's errors for bad
             data.
     """
-    if data_source == "embedded":
-        if embedded_dir is None:
-            raise ValueError("data_source 'embedded' needs embedded_dir.")
-        root = make_embedded_msd(embedded_dir, task, num_cases=embedded_cases, seed=seed)
-    elif data_source == "real":
-        if not dataset_dir:
-            raise ValueError("data_source 'real' needs dataset_dir: the MSD task folder holding dataset.json.")
-        root = dataset_dir
-    else:
-        raise ValueError(f"data_source must be 'embedded' or 'real', got {data_source!r}.")
+    root = data_root(
+        data_source,
+        dataset_dir,
+        embedded_dir,
+        lambda folder: make_embedded_msd(folder, task, num_cases=embedded_cases, seed=seed),
+        "the MSD task folder holding dataset.json",
+    )
     dataset = read_msd(root, task)
     for case in dataset.cases:
         check_case(case)

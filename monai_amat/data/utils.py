@@ -16,6 +16,7 @@ from monai_amat.utils import read_json, write_json
 EMBEDDED_MARKER = "embedded.json"
 
 __all__ = [
+    "data_root",
     "EMBEDDED_MARKER",
     "add_sample_index",
     "embedded_meta",
@@ -191,3 +192,36 @@ def find_nested_root(dataset_dir: str | os.PathLike, landmark: str, name: str, s
         f"no {name} data set found in {root}{state}: looked for {root / landmark} and {root / '*' / landmark}. "
         f"Get {sources}."
     )
+
+
+def data_root(
+    data_source: str,
+    dataset_dir: str | os.PathLike | None,
+    embedded_dir: str | os.PathLike | None,
+    make_embedded: Callable[[str | os.PathLike], Path],
+    holds: str,
+) -> str | os.PathLike:
+    """The folder a bundle reads: the embedded set, generated once into ``embedded_dir``, or ``dataset_dir``.
+
+    Args:
+        data_source: ``"embedded"`` or ``"real"``.
+        dataset_dir: the real data set folder.
+        embedded_dir: where the embedded set is generated.
+        make_embedded: generates the embedded set into a folder and returns its root.
+        holds: how to describe the real folder in errors, e.g. ``"the BCCD folder holding JPEGImages/"``.
+
+    Returns:
+        The data set root.
+
+    Raises:
+        ValueError: for an unknown ``data_source`` or a missing folder argument.
+    """
+    if data_source == "embedded":
+        if embedded_dir is None:
+            raise ValueError("data_source 'embedded' needs embedded_dir.")
+        return make_embedded(embedded_dir)
+    if data_source == "real":
+        if not dataset_dir:
+            raise ValueError(f"data_source 'real' needs dataset_dir: {holds}.")
+        return dataset_dir
+    raise ValueError(f"data_source must be 'embedded' or 'real', got {data_source!r}.")
