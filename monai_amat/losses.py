@@ -241,6 +241,7 @@ class PerImageDetectionLoss:
         self.weights.update({k: float(v) for k, v in (weights or {}).items()})
         self.input_shape: tuple[int, ...] | None = None
         self._matched: tuple[list[tuple[torch.Tensor, int]], torch.Tensor, list[torch.Tensor]] | None = None
+        self._layout_anchors: tuple[tuple, torch.Tensor] | None = None
         self._last = _LastComponents()
         detector.network.register_forward_pre_hook(self._record_input)
 
@@ -262,16 +263,20 @@ class PerImageDetectionLoss:
                     f"input size {list(spatial)} is not a multiple of the feature map size {list(m.shape[2:])}; "
                     "give the network inputs divisible by its largest stride (the bundles' spatial_size)."
                 )
-        shape = (1, 0, *spatial)
-        return self.detector.anchor_generator(torch.empty(shape, device=cls_maps[0].device), cls_maps)[0]
+        # the anchors depend on the sizes and device only: made once per layout, not on every attack iterate
+        layout = (tuple(spatial), tuple(tuple(m.shape[2:]) for m in cls_maps), cls_maps[0].device, cls_maps[0].dtype)
+        if self._layout_anchors is None or self._layout_anchors[0] != layout:
+            shape = (1, 0, *spatial)
+            anchors = self.detector.anchor_generator(torch.empty(shape, device=cls_maps[0].device), cls_maps)[0]
+            self._layout_anchors = (layout, anchors)
+        return self._layout_anchors[1]
 
     def _match(self, anchors: torch.Tensor, target: Sequence[dict], locations: list[int]) -> list[torch.Tensor]:
         """The detector's anchor matching of each image, reused while the very same box tensors come back."""
         boxes = [t[self.detector.target_box_key] for t in target]
         if self._matched is not None:
             cached_key, cached_anchors, matched = self._matched
-            same_anchors = cached_anchors.shape == anchors.shape and torch.equal(cached_anchors, anchors)
-            if same_anchors and _same_identity(cached_key, boxes):
+            if cached_anchors is anchors and _same_identity(cached_key, boxes):
                 return matched
         matched = self.detector.compute_anchor_matched_idxs([anchors] * len(boxes), target, locations)
         self._matched = (_identity_key(boxes), anchors, matched)
