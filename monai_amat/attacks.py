@@ -105,12 +105,15 @@ class AttackResult:
         noise_norm: ``(B,)`` norm of the final noise ``adv - inputs``.
         boundary_norm: ``(B,)`` noise norm of the first iterate that made the sample wrong, refined by bisection
             when asked; equal to ``noise_norm`` where nothing was found.
+        start_wrong: ``(B,)`` bool; the start iterate (the random start, or the clean input without one) already
+            made the sample wrong (always False without a criterion).
     """
 
     adv: torch.Tensor
     found: torch.Tensor
     noise_norm: torch.Tensor
     boundary_norm: torch.Tensor
+    start_wrong: torch.Tensor
 
 
 class PGD:
@@ -242,7 +245,8 @@ class PGD:
             boundary = torch.zeros(batch, device=x.device)
             brackets = (torch.zeros_like(x), torch.zeros_like(x)) if track and bisection_steps > 0 else None
             step_size = _view(self.alpha * eps_t / self.steps, x)
-            for _ in range(self.steps):
+            start_wrong = found
+            for step in range(self.steps):
                 adv.requires_grad_(True)
                 pred = to_float32(forward(adv))
                 loss = check_per_sample(self.loss_fn(pred, targets), batch)
@@ -254,6 +258,8 @@ class PGD:
                         boundary,
                         brackets,
                     )
+                    if step == 0:
+                        start_wrong = found.clone()
                 (grad,) = torch.autograd.grad(loss.sum(), adv)
                 adv = self._step(x, adv.detach(), grad, step_size, eps_t)
             if track:
@@ -270,6 +276,7 @@ class PGD:
             found=found,
             noise_norm=noise_norm,
             boundary_norm=torch.where(found, boundary, noise_norm),
+            start_wrong=start_wrong,
         )
 
     def _per_sample(self, value: float | torch.Tensor, batch: int, x: torch.Tensor, name: str) -> torch.Tensor:

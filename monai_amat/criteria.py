@@ -19,6 +19,8 @@ from monai_amat.utils import read_json, write_json
 __all__ = [
     "channel_argmax",
     "hard_dice",
+    "label_indices",
+    "holds_every_class",
     "DiceCriterion",
     "LossThresholdCriterion",
     "huber_location_scale",
@@ -57,11 +59,13 @@ def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def hard_dice(pred: Any, target: torch.Tensor, include_background: bool = False, smooth: float = 1.0) -> torch.Tensor:
-    """Smoothed hard Dice per sample and class, ``(2|P∩Y| + s) / (|P| + |Y| + s)``.
+def hard_dice(
+    pred: Any, target: torch.Tensor, include_background: bool = False, smooth: float = 0.0
+) -> torch.Tensor:
+    """Hard Dice per sample and class, ``(2|P∩Y| + s) / (|P| + |Y| + s + 1e-8)``.
 
-    With ``smooth=1`` a class absent from both prediction and label scores 1 and any false positive lowers it,
-    as in the reference code.
+    With ``smooth=0`` (default) this is the authors' ``2tp / (2tp + fp + fn + 1e-8)``: a class absent from both
+    the prediction and the label scores 0. ``smooth=1`` is the smoothed variant, where such a class scores 1.
 
     Args:
         pred: logits ``(B, C, spatial...)`` (argmax over C; one channel: sigmoid > 0.5), or deep-supervision
@@ -83,38 +87,73 @@ def hard_dice(pred: Any, target: torch.Tensor, include_background: bool = False,
         raise ValueError(f"prediction shape {tuple(logits.shape)} does not match target shape {tuple(target.shape)}.")
     num_classes = max(logits.shape[1], 2)
     labels = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else channel_argmax(logits)
-    truth = target[:, 0].long() if target.shape[1] == 1 else channel_argmax(target)
+    truth = label_indices(target)
     dice = []
     # boolean masks per class: cheaper than one-hot tensors, and this runs on every attack iterate
     for c in range(0 if include_background else 1, num_classes):
         p, y = (labels == c).flatten(1), (truth == c).flatten(1)
         inter = (p & y).sum(1).float()
-        dice.append((2 * inter + smooth) / (p.sum(1) + y.sum(1) + smooth).float())
+        dice.append((2 * inter + smooth) / ((p.sum(1) + y.sum(1)).float() + smooth + 1e-8))
     return torch.stack(dice, dim=1)
+
+
+def label_indices(target: torch.Tensor) -> torch.Tensor:
+    """Class indices of a label map.
+
+    Args:
+        target: labels ``(B, 1, spatial...)`` or one-hot ``(B, C, spatial...)``.
+
+    Returns:
+        ``(B, spatial...)`` int64 class indices.
+    """
+    return target[:, 0].long() if target.shape[1] == 1 else channel_argmax(target)
+
+
+def holds_every_class(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Which samples' labels contain every foreground class ``1..num_classes-1``.
+
+    Args:
+        target: labels ``(B, 1, spatial...)`` or one-hot ``(B, C, spatial...)``.
+        num_classes: number of classes, background included.
+
+    Returns:
+        ``(B,)`` bool.
+    """
+    truth = label_indices(target).flatten(1)
+    present = [(truth == c).any(1) for c in range(1, max(num_classes, 2))]
+    return torch.stack(present, dim=1).all(1)
 
 
 class DiceCriterion:
     """A sample is correct while its hard Dice is at least ``tau``.
 
+    The default is exactly the authors' attack criterion (``getOnlineDiceMax`` of their nnU-Net code): argmax of
+    the logits, per foreground class ``2tp / (2tp + fp + fn + 1e-8)`` without smoothing, the maximum over the
+    classes. A sample whose label has no foreground is therefore never correct (its margin never expands), and a
+    class absent from the sample scores 0, so the maximum picks the classes that are present.
+
     Args:
         tau: the Dice threshold (the mean Dice of a standard-trained model in the paper).
-        reduction: how to combine foreground classes, ``"max"`` (reference code) or ``"mean"``.
-        include_background: count class 0 as well.
-        smooth: Dice smoothing term (1 as in the reference code).
+        reduction: how to combine foreground classes, ``"max"`` (the authors') or ``"mean"`` (a departure).
+        include_background: count class 0 as well (a departure).
+        smooth: Dice smoothing term; 0 (the authors'); 1 makes an empty label with an empty prediction score 1
+            (a departure that lets background-only samples expand their margins).
 
     Raises:
-        ValueError: for ``tau`` outside ``[0, 1]`` or an unknown ``reduction``.
+        ValueError: for ``tau`` outside ``[0, 1]``, an unknown ``reduction`` or a negative ``smooth``.
     """
 
-    def __init__(self, tau: float, reduction: str = "max", include_background: bool = False, smooth: float = 1.0):
+    def __init__(self, tau: float, reduction: str = "max", include_background: bool = False, smooth: float = 0.0):
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"Dice threshold tau must be in [0, 1], got {tau!r}.")
         if reduction not in ("max", "mean"):
             raise ValueError(f"reduction must be 'max' or 'mean', got {reduction!r}.")
+        if not smooth >= 0:
+            raise ValueError(f"Dice smoothing must be >= 0, got {smooth!r}.")
         self.tau = float(tau)
         self.reduction = reduction
         self.include_background = include_background
-        self.smooth = smooth
+        self.smooth = float(smooth)
 
     def dice(self, pred: Any, target: torch.Tensor) -> torch.Tensor:
         """Per-sample Dice as the criterion sees it.
@@ -232,30 +271,37 @@ def calibrate_thresholds(losses: Mapping[str, Sequence[float] | torch.Tensor], z
     return out
 
 
-def calibrate_dice_tau(dice: torch.Tensor, has_foreground: torch.Tensor) -> float:
-    """Dice threshold ``tau``: the mean per-sample Dice over samples whose label has foreground.
+def calibrate_dice_tau(dice: torch.Tensor, complete: torch.Tensor) -> float:
+    """Dice threshold ``tau`` as the authors' ``getOnlineDiceMean``: the mean over the samples that hold every class.
 
     Args:
-        dice: ``(N,)`` per-sample Dice of a trained model.
-        has_foreground: ``(N,)`` bool, the label holds foreground.
+        dice: ``(N,)`` per-sample Dice of a trained model, the mean over the foreground classes (unsmoothed).
+        complete: ``(N,)`` bool, the sample's label contains every foreground class
+            (:py:func:`holds_every_class`); the other samples are left out.
 
     Returns:
-        The mean Dice over foreground samples.
+        The mean Dice over the complete samples.
 
     Raises:
-        ValueError: when no sample has foreground.
+        ValueError: when no sample holds every foreground class.
     """
     dice = torch.as_tensor(dice).float().reshape(-1)
-    fg = torch.as_tensor(has_foreground).bool().reshape(-1)
-    if not fg.any():
-        raise ValueError("cannot calibrate the Dice threshold: no sample has foreground.")
-    return float(dice[fg].mean())
+    keep = torch.as_tensor(complete).bool().reshape(-1)
+    if not keep.any():
+        raise ValueError("cannot calibrate the Dice threshold: no sample contains every foreground class.")
+    return float(dice[keep].mean())
 
 
 def save_thresholds(
-    path: str | os.PathLike, criterion: str, thresholds: Mapping[str, float], z: float | None, model: str
+    path: str | os.PathLike,
+    criterion: str,
+    thresholds: Mapping[str, float],
+    z: float | None,
+    model: str,
+    split: str | None = None,
+    samples: int | None = None,
 ) -> None:
-    """Write ``thresholds.json`` (``{"criterion", "thresholds", "z", "model"}``) atomically.
+    """Write ``thresholds.json`` (``{"criterion", "thresholds", "z", "model", "split", "samples"}``) atomically.
 
     Args:
         path: the file to write.
@@ -263,6 +309,8 @@ def save_thresholds(
         thresholds: ``{name: value}``.
         z: the z used for calibration (None for Dice).
         model: the model file the thresholds were calibrated on.
+        split: the data split the values came from (``"val"``, ``"train"``), None when unknown.
+        samples: how many samples the thresholds rest on.
     """
     write_json(
         path,
@@ -271,6 +319,8 @@ def save_thresholds(
             "thresholds": {k: float(v) for k, v in thresholds.items()},
             "z": z,
             "model": str(model),
+            "split": split,
+            "samples": samples,
         },
     )
 

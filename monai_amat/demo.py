@@ -24,7 +24,7 @@ from monai.transforms import AsDiscreted, Compose
 from monai.utils import set_determinism
 
 from monai_amat.attacks import PGD
-from monai_amat.criteria import DiceCriterion, calibrate_dice_tau, save_thresholds
+from monai_amat.criteria import DiceCriterion, calibrate_dice_tau, holds_every_class, save_thresholds
 from monai_amat.data import add_sample_index
 from monai_amat.engines import AMATTrainer, RobustEvaluator, SATTrainer
 from monai_amat.handlers import MarginHandler, RobustnessReport, area_under_curve, plot_robustness
@@ -145,9 +145,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     with torch.no_grad():
         x = torch.stack([torch.as_tensor(d["image"]) for d in train])
         y = torch.stack([torch.as_tensor(d["label"]) for d in train])
-        dice = DiceCriterion(0.0).dice(std(x), y)
-    tau = calibrate_dice_tau(dice, y.flatten(1).amax(1) > 0)
-    save_thresholds(root / "thresholds.json", "dice", {"tau": tau}, None, str(root / "STD" / "model.pt"))
+        dice = DiceCriterion(0.0, reduction="mean").dice(std(x), y)
+    tau = calibrate_dice_tau(dice, holds_every_class(y, 2))
+    save_thresholds(
+        root / "thresholds.json", "dice", {"tau": tau}, None, str(root / "STD" / "model.pt"), "train", len(train)
+    )
     reports["STD"] = _evaluate(std, test, eps, args, root / "STD")
     for kind in ("AMAT", "SAT"):
         net, seconds[kind] = _train(kind, args, train, root / kind, tau)

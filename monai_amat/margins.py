@@ -75,6 +75,9 @@ class MarginTable:
             the sample wrong (refined by bisection when the attack does it).
         reset_clean_wrong: reset the margins of clean-wrong samples to ``delta`` (older variant) instead of
             keeping them.
+        group_name: name of the per-sample group that :py:meth:`record` may be given (e.g. ``"foreground"``); the
+            epoch statistics are then also given for the group and the rest (``..._foreground``,
+            ``..._no_foreground``).
 
     Raises:
         ValueError: for ``num_samples < 1``, ``delta <= 0``, ``max_margin < delta`` or an unknown ``estimate``.
@@ -87,6 +90,7 @@ class MarginTable:
         max_margin: float = math.inf,
         estimate: str = "final",
         reset_clean_wrong: bool = False,
+        group_name: str = "group",
     ) -> None:
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
@@ -101,6 +105,7 @@ class MarginTable:
         self.max_margin = float(max_margin)
         self.estimate_mode = estimate
         self.reset_clean_wrong = bool(reset_clean_wrong)
+        self.group_name = str(group_name)
         self.margins = torch.full((self.num_samples,), self.delta)
         self.begin_epoch()
 
@@ -110,6 +115,9 @@ class MarginTable:
         self.seen = torch.zeros(self.num_samples, dtype=torch.bool)
         self.found = torch.zeros(self.num_samples, dtype=torch.bool)
         self.clean_wrong = torch.zeros(self.num_samples, dtype=torch.bool)
+        self.start_wrong = torch.zeros(self.num_samples, dtype=torch.bool)
+        self.group = torch.zeros(self.num_samples, dtype=torch.bool)
+        self.grouped = torch.zeros(self.num_samples, dtype=torch.bool)
 
     def check_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Validate sample indices against the table.
@@ -153,6 +161,8 @@ class MarginTable:
         found: torch.Tensor,
         noise_norm: torch.Tensor,
         boundary_norm: torch.Tensor,
+        start_wrong: torch.Tensor | None = None,
+        group: torch.Tensor | None = None,
     ) -> None:
         """Record one batch's attack results.
 
@@ -166,6 +176,8 @@ class MarginTable:
             noise_norm: ``(B,)`` norm of the final noise.
             boundary_norm: ``(B,)`` noise norm of the first wrong iterate, equal to ``noise_norm`` where no
                 iterate made the sample wrong (as :py:class:`monai_amat.attacks.AttackResult` gives it).
+            start_wrong: ``(B,)`` bool, the attack's start iterate already made the sample wrong (diagnostics only).
+            group: ``(B,)`` bool, the sample belongs to the group named ``group_name`` (diagnostics only).
         """
         indices = self.check_indices(indices)
         found = torch.as_tensor(found).detach().cpu().bool().reshape(-1)
@@ -180,26 +192,45 @@ class MarginTable:
         self.found[unique] |= any_found
         self.clean_wrong[unique] |= any_wrong
         self.seen[unique] = True
+        for flags, table in ((start_wrong, self.start_wrong), (group, self.group)):
+            if flags is not None:
+                flags = torch.as_tensor(flags).detach().cpu().float().reshape(-1)
+                table[unique] |= torch.zeros(len(unique)).index_add_(0, inverse, flags) > 0
+        if group is not None:
+            self.grouped[unique] = True
 
     def end_epoch(self) -> dict[str, float]:
         """Apply the margin rule to the samples seen this epoch.
 
         Returns:
-            Statistics: margin mean/min/max and the fractions of seen samples expanded and refined.
+            Statistics: margin mean/min/max; the fractions of seen samples expanded (``margin_expanded``), refined
+            (``margin_refined``) and made wrong already by the attack's start iterate (``margin_start_wrong``);
+            when groups were recorded, the mean margin and these fractions within the group and the rest too
+            (suffixes ``_<group_name>`` and ``_no_<group_name>``).
         """
         correct = self.seen & ~self.clean_wrong
         expand = correct & ~self.found
         refine = correct & self.found
         reset = self.seen & self.clean_wrong if self.reset_clean_wrong else None
         self.margins = margin_update(self.margins, expand, refine, self.estimate, self.delta, self.max_margin, reset)
-        seen = max(int(self.seen.sum()), 1)
-        return {
+        stats = {
             "margin_mean": float(self.margins.mean()),
             "margin_min": float(self.margins.min()),
             "margin_max": float(self.margins.max()),
-            "margin_expanded": int(expand.sum()) / seen,
-            "margin_refined": int(refine.sum()) / seen,
         }
+        subsets = {"": self.seen}
+        if (self.seen & self.grouped).any():
+            in_group = self.seen & self.grouped & self.group
+            subsets[f"_{self.group_name}"] = in_group
+            subsets[f"_no_{self.group_name}"] = self.seen & self.grouped & ~self.group
+        for suffix, subset in subsets.items():
+            count = max(int(subset.sum()), 1)
+            if suffix:
+                stats[f"margin_mean{suffix}"] = float(self.margins[subset].mean()) if subset.any() else 0.0
+            stats[f"margin_expanded{suffix}"] = int((expand & subset).sum()) / count
+            stats[f"margin_refined{suffix}"] = int((refine & subset).sum()) / count
+            stats[f"margin_start_wrong{suffix}"] = int((self.start_wrong & subset).sum()) / count
+        return stats
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only, so checkpoints load with ``weights_only=True``."""
@@ -209,6 +240,9 @@ class MarginTable:
             "seen": self.seen.clone(),
             "found": self.found.clone(),
             "clean_wrong": self.clean_wrong.clone(),
+            "start_wrong": self.start_wrong.clone(),
+            "group": self.group.clone(),
+            "grouped": self.grouped.clone(),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -235,3 +269,7 @@ class MarginTable:
         self.seen = torch.as_tensor(state["seen"]).bool().clone()
         self.found = torch.as_tensor(state["found"]).bool().clone()
         self.clean_wrong = torch.as_tensor(state["clean_wrong"]).bool().clone()
+        # diagnostics only: checkpoints written before they existed resume with none recorded
+        for name in ("start_wrong", "group", "grouped"):
+            default = torch.zeros(self.num_samples, dtype=torch.bool)
+            setattr(self, name, torch.as_tensor(state.get(name, default)).bool().clone())

@@ -11,6 +11,7 @@ from monai_amat.criteria import (
     calibrate_thresholds,
     channel_argmax,
     hard_dice,
+    holds_every_class,
     huber_location_scale,
     load_thresholds,
     save_thresholds,
@@ -26,16 +27,65 @@ def test_hard_dice_by_hand():
     y[:, 0, :2, :2] = 1  # 4 foreground pixels
     p = torch.zeros(3, 4, 4, dtype=torch.long)
     p[0, :2, :2] = 1  # perfect
-    p[1, :2, :1] = 1  # 2 of 4, no false positive: (2*2+1)/(2+4+1)
-    p[2, 3, 3] = 1  # one false positive only: (0+1)/(1+4+1)
+    p[1, :2, :1] = 1  # 2 of 4, no false positive: 2*2 / (2+4)
+    p[2, 3, 3] = 1  # one false positive only: 0
     d = hard_dice(_logits(p, 2), y)
     assert d.shape == (3, 1)
-    assert torch.allclose(d[:, 0], torch.tensor([1.0, 5 / 7, 1 / 6]))
-    # empty label and empty prediction score 1 (smoothed), a false positive lowers it
+    assert torch.allclose(d[:, 0], torch.tensor([1.0, 4 / 6, 0.0]))
+    # the smoothed variant is an option: (2*2+1)/(2+4+1), (0+1)/(1+4+1)
+    assert torch.allclose(hard_dice(_logits(p, 2), y, smooth=1.0)[:, 0], torch.tensor([1.0, 5 / 7, 1 / 6]))
+    # empty label: 0 whatever the prediction (unsmoothed); 1 for an empty prediction when smoothed
     empty = torch.zeros(2, 1, 4, 4, dtype=torch.long)
     pe = torch.zeros(2, 4, 4, dtype=torch.long)
     pe[1, 0, 0] = 1
-    assert torch.allclose(hard_dice(_logits(pe, 2), empty)[:, 0], torch.tensor([1.0, 0.5]))
+    assert hard_dice(_logits(pe, 2), empty)[:, 0].tolist() == [0.0, 0.0]
+    assert torch.allclose(hard_dice(_logits(pe, 2), empty, smooth=1.0)[:, 0], torch.tensor([1.0, 0.5]))
+
+
+def _authors_dice_max(logits, label, classes):
+    """getOnlineDiceMax of the authors' nnU-Net code, re-written with numpy for one sample."""
+    seg = logits.argmax(0).numpy()
+    gt = label[0].numpy()
+    values = []
+    for c in range(1, classes):
+        tp = np.sum((seg == c) & (gt == c))
+        fp = np.sum((seg == c) & (gt != c))
+        fn = np.sum((seg != c) & (gt == c))
+        values.append(2 * tp / (2 * tp + fp + fn + 1e-8))
+    return max(values)
+
+
+def test_dice_criterion_is_the_authors_formula_on_random_tensors():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 3, 8, 8, generator=g)
+    labels = torch.randint(0, 3, (16, 1, 8, 8), generator=g)
+    labels[:4] = 0  # background-only slices
+    labels[4:8][labels[4:8] == 2] = 0  # slices lacking class 2
+    crit = DiceCriterion(tau=0.3)
+    got = crit.dice(logits, labels)
+    want = torch.tensor([_authors_dice_max(logits[i], labels[i], 3) for i in range(16)], dtype=torch.float32)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got[:4].tolist() == [0.0] * 4  # no foreground: never correct
+    assert not crit(logits, labels)[:4].any()
+    assert torch.equal(crit(logits, labels), want >= 0.3)
+
+
+def test_empty_slice_with_empty_prediction_is_wrong_and_a_missing_class_scores_zero():
+    empty = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    perfect_empty = _logits(torch.zeros(1, 4, 4, dtype=torch.long), 3)
+    assert DiceCriterion(tau=0.0)(perfect_empty, empty).tolist() == [True]  # tau 0 accepts anything
+    assert DiceCriterion(tau=0.01)(perfect_empty, empty).tolist() == [False]
+    assert DiceCriterion(tau=0.01, smooth=1.0)(perfect_empty, empty).tolist() == [True]  # the departure
+    y = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    y[0, 0, :2, :2] = 1  # class 2 absent from the slice
+    d = hard_dice(_logits(y[:, 0], 3), y)
+    assert d.tolist() == [[1.0, 0.0]]
+    assert DiceCriterion(tau=0.9)(_logits(y[:, 0], 3), y).tolist() == [True]  # max picks the present class
+    assert DiceCriterion(tau=0.9, reduction="mean")(_logits(y[:, 0], 3), y).tolist() == [False]
+    assert holds_every_class(y, 3).tolist() == [False]
+    y[0, 0, 3, 3] = 2
+    assert holds_every_class(y, 3).tolist() == [True]
+    assert holds_every_class(torch.nn.functional.one_hot(y[:, 0], 3).movedim(-1, 1), 3).tolist() == [True]
 
 
 def test_dice_criterion_max_over_foreground_and_deep_supervision():
@@ -52,6 +102,8 @@ def test_dice_criterion_max_over_foreground_and_deep_supervision():
     assert DiceCriterion(tau=0.9)([logits, logits[..., ::2, ::2]], y).tolist() == [True]
     with pytest.raises(ValueError, match="tau"):
         DiceCriterion(tau=1.5)
+    with pytest.raises(ValueError, match="smoothing"):
+        DiceCriterion(tau=0.5, smooth=-1)
 
 
 def test_loss_threshold_criterion():
@@ -90,12 +142,13 @@ def test_calibration_and_thresholds_file(tmp_path):
     assert calibrate_dice_tau(torch.tensor([0.9, 0.8, 1.0, 0.2]), torch.tensor([True, True, False, False])) == (
         pytest.approx(0.85)
     )
-    with pytest.raises(ValueError, match="no sample has foreground"):
+    with pytest.raises(ValueError, match="no sample contains every foreground class"):
         calibrate_dice_tau(torch.tensor([1.0]), torch.tensor([False]))
     path = tmp_path / "thresholds.json"
-    save_thresholds(path, "loss_threshold", thr, 2.0, "model.pt")
+    save_thresholds(path, "loss_threshold", thr, 2.0, "model.pt", "train", 100)
     data = load_thresholds(path)
     assert data["thresholds"] == pytest.approx(thr) and data["z"] == 2.0 and data["model"] == "model.pt"
+    assert data["split"] == "train" and data["samples"] == 100
     assert [p.name for p in tmp_path.iterdir()] == ["thresholds.json"]  # no temporary file left behind
     (tmp_path / "bad.json").write_text('{"criterion": "dice"}')
     with pytest.raises(ValueError, match=r"bad.json: missing key\(s\) \['thresholds'\]"):

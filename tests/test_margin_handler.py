@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from ignite.engine import Engine, Events
 
 from monai_amat.engines import AdversarialEvents
-from monai_amat.handlers import MarginHandler
+from monai_amat.handlers import MarginHandler, label_has_foreground
 
 
 class FakeWriter:
@@ -62,6 +62,28 @@ def test_handler_writes_csv_stats_and_histogram(tmp_path):
     assert [(t, s) for t, _, s in writer.calls] == [("margin", 1), ("margin", 2)]
     assert torch.equal(writer.calls[-1][1], handler.margins)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["margins.csv"]  # no temporary file left
+
+
+def test_diagnostics_per_epoch_split_by_foreground(tmp_path):
+    handler = MarginHandler(4, delta=1.0, group_fn=label_has_foreground)
+    labels = torch.zeros(4, 1, 2, 2)
+    labels[:2, 0, 0, 0] = 1  # samples 0, 1 have foreground
+    batch = _batch([0, 1, 2, 3], [False, True, True, True], [1.0, 1.0, 1.0, 1.0])
+    batch.update(start_wrong=torch.tensor([False, False, True, True]), label=labels)
+    engine = _engine(handler, [batch])
+    engine.run([batch], max_epochs=1)
+    m = engine.state.metrics
+    assert m["margin_expanded"] == 0.25 and m["margin_refined"] == 0.75 and m["margin_start_wrong"] == 0.5
+    assert m["margin_expanded_foreground"] == 0.5 and m["margin_refined_foreground"] == 0.5
+    assert m["margin_start_wrong_foreground"] == 0.0 and m["margin_start_wrong_no_foreground"] == 1.0
+    assert m["margin_expanded_no_foreground"] == 0.0 and m["margin_refined_no_foreground"] == 1.0
+    assert m["margin_mean_foreground"] == 1.5 and m["margin_mean_no_foreground"] == 1.0
+    # without a group function there is no split
+    plain = MarginHandler(4, delta=1.0)
+    engine = _engine(plain, [batch])
+    engine.run([batch], max_epochs=1)
+    assert "margin_expanded_foreground" not in engine.state.metrics
+    assert engine.state.metrics["margin_start_wrong"] == 0.5
 
 
 def test_csv_rewrites_epochs_of_a_resumed_run(tmp_path):

@@ -1,6 +1,7 @@
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
@@ -11,7 +12,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler
 from monai_amat.attacks import PGD
 from monai_amat.criteria import DiceCriterion, LossThresholdCriterion
 from monai_amat.engines import AdversarialEvents, AMATTrainer, SATTrainer
-from monai_amat.handlers import MarginHandler
+from monai_amat.handlers import MarginHandler, label_has_foreground
 from monai_amat.losses import PerSampleDiceCELoss
 from tests.conftest import pretrain, seg_loader, small_unet, stack, synthetic_seg_data
 
@@ -122,6 +123,42 @@ def test_amat_margins_move_as_the_rule_says(tmp_path):
     assert found.any() and (~found).any()
     assert handler.margins.max() <= max_margin
     assert {"margin_mean", "margin_expanded", "margin_refined"} <= set(trainer.state.metrics)
+
+
+def test_margin_diagnostics_of_a_run_with_known_outcome(tmp_path):
+    n, epochs, delta = 8, 2, 0.5
+    data = synthetic_seg_data(n)
+    for item in data[4:]:
+        item["label"] = np.zeros_like(item["label"])  # background-only slices
+
+    def run(criterion):
+        net = small_unet()
+        loss = PerSampleDiceCELoss()
+        handler = MarginHandler(n, delta=delta, group_fn=label_has_foreground)
+        trainer = AMATTrainer(
+            "cpu",
+            epochs,
+            seg_loader(data, 4, shuffle=True),
+            net,
+            torch.optim.Adam(net.parameters(), 1e-3),
+            loss,
+            attack=PGD(loss, steps=2),
+            margin_handler=handler,
+            criterion=criterion,
+        )
+        trainer.run()
+        return trainer.state.metrics, handler.margins
+
+    # foreground slices always correct, background slices always wrong
+    metrics, margins = run(lambda pred, y: y.flatten(1).amax(1) > 0)
+    assert margins[:4].tolist() == [delta * (1 + epochs)] * 4
+    assert metrics["margin_expanded_foreground"] == 1.0 and metrics["margin_start_wrong_foreground"] == 0.0
+    assert metrics["margin_expanded_no_foreground"] == 0.0 and metrics["margin_refined_no_foreground"] == 1.0
+    assert metrics["margin_start_wrong_no_foreground"] == 1.0 and metrics["margin_start_wrong"] == 0.5
+    # the authors' Dice criterion never lets a background-only slice expand, whatever the network predicts
+    metrics, margins = run(DiceCriterion(tau=0.5))
+    assert metrics["margin_expanded_no_foreground"] == 0.0 and metrics["margin_start_wrong_no_foreground"] == 1.0
+    assert (margins[4:] <= delta + 1e-6).all()
 
 
 def test_amat_loss_is_mixed_over_clean_correct_samples(tmp_path):

@@ -183,8 +183,9 @@ class RobustTrainer(SupervisedTrainer):
         """One adversarial training iteration; returns ``engine.state.output``.
 
         Besides MONAI's ``IMAGE``, ``LABEL``, ``PRED`` (clean) and ``LOSS``, the output holds the
-        :py:class:`AdversarialKeys`: the adversarial image and prediction, the per-sample eps, found flags,
-        noise norms, clean-correct flags, clean and adversarial losses, and the sample indices.
+        :py:class:`AdversarialKeys`: the adversarial image and prediction, the per-sample eps, found flags (and
+        whether the start iterate was already wrong), noise norms, clean-correct flags, clean and adversarial losses,
+        and the sample indices.
 
         The adversarial pass runs before ``ATTACK_COMPLETED`` fires, so that a batch with a non-finite loss can be
         skipped (``skip_non_finite``) before any handler records it; then ``ATTACK_COMPLETED``,
@@ -234,6 +235,7 @@ class RobustTrainer(SupervisedTrainer):
                 AdversarialKeys.FOUND: result.found,
                 AdversarialKeys.NOISE_NORM: result.noise_norm,
                 AdversarialKeys.BOUNDARY_NORM: result.boundary_norm,
+                AdversarialKeys.START_WRONG: result.start_wrong,
                 AdversarialKeys.CLEAN_CORRECT: correct,
             }
         )

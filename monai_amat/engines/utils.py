@@ -37,6 +37,7 @@ class AdversarialKeys:
     FOUND = "found"
     NOISE_NORM = "noise_norm"
     BOUNDARY_NORM = "boundary_norm"
+    START_WRONG = "start_wrong"
     CLEAN_CORRECT = "clean_correct"
     CLEAN_LOSS = "clean_loss"
     ADV_LOSS = "adv_loss"

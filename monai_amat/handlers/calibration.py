@@ -12,7 +12,13 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_amat.attacks import to_float32
-from monai_amat.criteria import DiceCriterion, calibrate_dice_tau, calibrate_thresholds, save_thresholds
+from monai_amat.criteria import (
+    calibrate_dice_tau,
+    calibrate_thresholds,
+    hard_dice,
+    holds_every_class,
+    save_thresholds,
+)
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -24,17 +30,17 @@ __all__ = ["CalibrationHandler"]
 
 
 class CalibrationHandler:
-    """Collects per-sample clean results of an evaluator over the training set and writes ``thresholds.json``.
+    """Collects per-sample clean results of an evaluator and writes ``thresholds.json``.
 
     Two modes:
 
-    - ``"dice"`` (segmentation): ``tau`` = mean hard Dice (as :py:class:`monai_amat.criteria.DiceCriterion`
-      computes it) over samples whose label has foreground;
+    - ``"dice"`` (segmentation): ``tau`` as the authors' ``getOnlineDiceMean``: the unsmoothed hard Dice, mean
+      over the foreground classes, averaged over the samples whose label contains **every** foreground class;
     - ``"loss"`` (landmarks, detection): per component, Huber robust mean ``+ z ×`` robust scale of the per-sample
       clean losses ``components_fn(pred, label) -> {name: Tensor[B]}``.
 
-    Attach it to a ``SupervisedEvaluator`` created with ``decollate=False`` (batch-level outputs). Only rank 0
-    writes, atomically.
+    Attach it to a ``SupervisedEvaluator`` created with ``decollate=False`` (batch-level outputs) over the split
+    named by ``split`` (recorded in the file with the number of samples). Only rank 0 writes, atomically.
 
     Args:
         output_file: the ``thresholds.json`` to write.
@@ -42,7 +48,7 @@ class CalibrationHandler:
         model: the model file the thresholds come from (recorded in the file).
         components_fn: the per-sample loss components (``"loss"`` mode).
         z: robust scales above the robust mean (``"loss"`` mode).
-        dice_reduction: how ``"dice"`` mode combines foreground classes (``"max"`` as the criterion).
+        split: the name of the data split the evaluator runs on (``"val"``, ``"train"``), recorded in the file.
 
     Raises:
         ValueError: for an unknown mode, or ``"loss"`` mode without ``components_fn``.
@@ -55,7 +61,7 @@ class CalibrationHandler:
         model: str = "",
         components_fn: Callable[[Any, Any], Mapping[str, torch.Tensor]] | None = None,
         z: float = 2.0,
-        dice_reduction: str = "max",
+        split: str | None = None,
     ) -> None:
         if mode not in ("dice", "loss"):
             raise ValueError(f"calibration mode must be 'dice' or 'loss', got {mode!r}.")
@@ -66,7 +72,7 @@ class CalibrationHandler:
         self.model = str(model)
         self.components_fn = components_fn
         self.z = float(z)
-        self.dice = DiceCriterion(0.0, reduction=dice_reduction)
+        self.split = split
         self.values: dict[str, list[torch.Tensor]] = {}
         self.thresholds: dict[str, float] = {}
 
@@ -88,7 +94,8 @@ class CalibrationHandler:
         """Record the batch's per-sample values."""
         pred, label = to_float32(engine.state.output[Keys.PRED]), engine.state.output[Keys.LABEL]
         if self.mode == "dice":
-            batch = {"dice": self.dice.dice(pred, label), "foreground": label.flatten(1).amax(1) > 0}
+            dice = hard_dice(pred, label)  # (B, foreground classes), unsmoothed
+            batch = {"dice": dice.mean(1), "complete": holds_every_class(label, dice.shape[1] + 1)}
         else:
             batch = dict(self.components_fn(pred, label))
         for name, value in batch.items():
@@ -98,12 +105,12 @@ class CalibrationHandler:
         """Compute the thresholds and write them (rank 0)."""
         values = {k: torch.cat(v) for k, v in self.values.items()}
         if self.mode == "dice":
-            self.thresholds = {"tau": calibrate_dice_tau(values["dice"], values["foreground"])}
+            self.thresholds = {"tau": calibrate_dice_tau(values["dice"], values["complete"])}
             z = None
         else:
             self.thresholds, z = calibrate_thresholds(values, self.z), self.z
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
-        save_thresholds(
-            self.output_file, self.mode if self.mode == "dice" else "loss_threshold", self.thresholds, z, self.model
-        )
+        samples = int(next(iter(values.values())).numel()) if values else 0
+        criterion = self.mode if self.mode == "dice" else "loss_threshold"
+        save_thresholds(self.output_file, criterion, self.thresholds, z, self.model, self.split, samples)

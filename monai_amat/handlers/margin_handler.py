@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
+from monai.utils.enums import CommonKeys as Keys
 
 from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
 from monai_amat.margins import MarginTable, start_radius
@@ -21,9 +23,21 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["MarginHandler"]
+__all__ = ["MarginHandler", "label_has_foreground"]
 
 CSV_HEADER = "epoch,index,margin\n"
+
+
+def label_has_foreground(output: dict) -> torch.Tensor:
+    """Which samples of a segmentation batch have foreground in their label (a ``group_fn`` of MarginHandler).
+
+    Args:
+        output: a trainer's batch-level output holding ``"label"`` ``(B, 1, spatial...)``.
+
+    Returns:
+        ``(B,)`` bool.
+    """
+    return torch.as_tensor(output[Keys.LABEL]).flatten(1).amax(1) > 0
 
 
 def _dist_world() -> int:
@@ -39,9 +53,11 @@ class MarginHandler:
     - sums the epoch's bookkeeping over all ranks (``torch.distributed`` all-reduce), so every rank holds the
       same table;
     - applies the margin rule (:py:class:`monai_amat.margins.MarginTable`);
-    - puts ``margin_mean``, ``margin_min``, ``margin_max``, ``margin_expanded`` and ``margin_refined`` (the
-      fractions of seen samples expanded / refined) into ``engine.state.metrics``, where ``StatsHandler`` and
-      ``TensorBoardStatsHandler`` print them;
+    - puts ``margin_mean``, ``margin_min``, ``margin_max``, ``margin_expanded``, ``margin_refined`` and
+      ``margin_start_wrong`` (the fractions of seen samples expanded / refined / made wrong already by the attack's
+      start iterate) into ``engine.state.metrics``, where ``StatsHandler`` and ``TensorBoardStatsHandler`` print
+      them; with a ``group_fn``, the same within the group and the rest (e.g. ``margin_expanded_foreground``,
+      ``margin_expanded_no_foreground``);
     - rank 0 writes ``margins.csv`` (``epoch,index,margin``, one row per sample per completed epoch) atomically,
       and a margin histogram to TensorBoard when given a writer.
 
@@ -55,6 +71,10 @@ class MarginHandler:
         filename: the CSV file name.
         summary_writer: a TensorBoard ``SummaryWriter`` (anything with ``add_histogram``) for margin histograms.
         tag_name: histogram tag.
+        group_fn: ``group_fn(output) -> BoolTensor[B]`` on the trainer's batch-level output, splitting the
+            diagnostics into a group and the rest, e.g. :py:func:`label_has_foreground` for segmentation; None
+            gives no split.
+        group_name: the group's name in the statistics.
 
     Raises:
         ValueError: for invalid ``num_samples``, ``delta``, ``max_margin`` or ``estimate``.
@@ -71,8 +91,11 @@ class MarginHandler:
         filename: str = "margins.csv",
         summary_writer: Any = None,
         tag_name: str = "margin",
+        group_fn: Callable[[dict], torch.Tensor] | None = None,
+        group_name: str = "foreground",
     ) -> None:
-        self.table = MarginTable(num_samples, delta, max_margin, estimate, reset_clean_wrong)
+        self.table = MarginTable(num_samples, delta, max_margin, estimate, reset_clean_wrong, group_name)
+        self.group_fn = group_fn
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.filename = filename
         self.summary_writer = summary_writer
@@ -140,6 +163,8 @@ class MarginHandler:
             out[AdversarialKeys.FOUND],
             out[AdversarialKeys.NOISE_NORM],
             out[AdversarialKeys.BOUNDARY_NORM],
+            out.get(AdversarialKeys.START_WRONG),
+            None if self.group_fn is None else self.group_fn(out),
         )
 
     def epoch_completed(self, engine: Engine) -> None:
@@ -185,17 +210,15 @@ class MarginHandler:
         )
         t = self.table
         seen = t.seen.double()
-        packed = torch.stack(
-            [seen, t.estimate.double() * seen, (t.found & t.seen).double(), (t.clean_wrong & t.seen).double()]
-        )
+        flags = (t.found, t.clean_wrong, t.start_wrong, t.group, t.grouped)
+        packed = torch.stack([seen, t.estimate.double() * seen, *((f & t.seen).double() for f in flags)])
         packed = packed.to(device)
         dist.all_reduce(packed)
         packed = packed.cpu()
         count = packed[0]
         t.seen = count > 0
         t.estimate = torch.where(t.seen, packed[1] / count.clamp(min=1), t.estimate.double()).float()
-        t.found = packed[2] > 0
-        t.clean_wrong = packed[3] > 0
+        t.found, t.clean_wrong, t.start_wrong, t.group, t.grouped = (packed[i] > 0 for i in range(2, 7))
 
     def state_dict(self) -> dict[str, Any]:
         """Margins and the live epoch bookkeeping, as tensors (loads with ``weights_only=True``)."""
