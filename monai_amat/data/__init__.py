@@ -28,10 +28,13 @@ from monai_amat.data.msd import (
     read_msd,
     split_cases,
 )
+from monai_amat.data.samplers import ForegroundOversampler, foreground_flags
 from monai_amat.data.utils import add_sample_index
 
 __all__ = [
     "add_sample_index",
+    "ForegroundOversampler",
+    "foreground_flags",
     "MSD_TASKS",
     "MSDDataset",
     "check_case",
