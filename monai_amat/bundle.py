@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -15,7 +16,17 @@ import torch
 from monai_amat.criteria import load_thresholds
 from monai_amat.engines.evaluator import check_eps_list
 
-__all__ = ["bundle_root", "check_config", "load_tau", "load_loss_thresholds", "load_model", "image_files"]
+__all__ = [
+    "bundle_root",
+    "check_config",
+    "default_eps_scale",
+    "load_tau",
+    "load_loss_thresholds",
+    "load_model",
+    "image_files",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def bundle_root(name: str) -> str:
@@ -53,6 +64,27 @@ def bundle_root(name: str) -> str:
     )
 
 
+def default_eps_scale(embedded: bool, spatial_size: Sequence[int], paper_spatial_size: Sequence[int]) -> float:
+    """The factor that turns the paper's L2 noise levels into the same per-pixel noise on another input size.
+
+    An L2 budget spread over ``n`` pixels gives each pixel about ``eps / sqrt(n)``; inputs with fewer pixels than the
+    paper's get proportionally stronger noise at the same eps. The factor is
+    ``sqrt(prod(spatial_size) / prod(paper_spatial_size))`` on embedded data (the channels are the same on both
+    sides) and 1 on real data, which the bundles resize to the paper's size.
+
+    Args:
+        embedded: the run uses the embedded data.
+        spatial_size: the network input size of the run.
+        paper_spatial_size: the paper's network input size.
+
+    Returns:
+        The factor.
+    """
+    if not embedded:
+        return 1.0
+    return math.sqrt(math.prod(spatial_size) / math.prod(paper_spatial_size))
+
+
 def check_config(values: Mapping[str, Any]) -> bool:
     """Check a bundle's settings before anything runs; errors name the config key.
 
@@ -60,7 +92,9 @@ def check_config(values: Mapping[str, Any]) -> bool:
     ``beta`` (in [0, 1]), ``sat_eps`` (>= 0), ``sat_eps_list`` and ``eps_list`` (ascending, >= 0),
     ``train_attack_steps`` / ``attack_steps`` (integer >= 1), ``train_alpha`` / ``eval_alpha`` (> 0),
     ``norm`` (``"l2"`` or ``"linf"``), ``batch_size`` (integer >= 1), ``learning_rate`` (> 0),
-    ``data_source`` (``"embedded"`` or ``"real"``; ``"real"`` needs ``dataset_dir``).
+    ``data_source`` (``"embedded"`` or ``"real"``; ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0; logged,
+    since it multiplies every eps-like key), ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z``
+    (finite), ``oversample_foreground``, ``eval_random_start`` (booleans).
 
     Args:
         values: ``{config key: value}``.
@@ -84,7 +118,7 @@ def check_config(values: Mapping[str, Any]) -> bool:
     for key in ("epochs", "train_attack_steps", "attack_steps", "batch_size"):
         if key in values and (number(key) != int(values[key]) or values[key] < 1):
             raise bad(key, "must be an integer >= 1")
-    for key in ("delta", "train_alpha", "eval_alpha", "learning_rate"):
+    for key in ("delta", "train_alpha", "eval_alpha", "learning_rate", "eps_scale"):
         if key in values and not (number(key) > 0 and math.isfinite(values[key])):
             raise bad(key, "must be finite and > 0")
     if "max_margin" in values and not number("max_margin") >= values.get("delta", 0):
@@ -100,6 +134,18 @@ def check_config(values: Mapping[str, Any]) -> bool:
             check_eps_list(values[key], name=f"config key {key!r}")
     if "norm" in values and str(values["norm"]).lower() not in ("l2", "linf"):
         raise bad("norm", "must be 'l2' or 'linf'")
+    for key in ("oversample_foreground", "eval_random_start"):
+        if key in values and not isinstance(values[key], bool):
+            raise bad(key, "must be True or False")
+    if "calibration_split" in values and values["calibration_split"] not in ("train", "val"):
+        raise bad("calibration_split", "must be 'train' or 'val'")
+    if "calibration_z" in values and not math.isfinite(number("calibration_z")):
+        raise bad("calibration_z", "must be a finite number")
+    if "eps_scale" in values:
+        logger.info(
+            f"eps_scale = {values['eps_scale']:.4g}: delta, max_margin, sat_eps and eps_list are in the paper's "
+            "units; the attacks use them times eps_scale."
+        )
     if "data_source" in values:
         if values["data_source"] not in ("embedded", "real"):
             raise bad("data_source", "must be 'embedded' or 'real'")

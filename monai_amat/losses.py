@@ -149,24 +149,29 @@ class PerSampleLandmarkLoss(nn.Module):
 
     Components (each ``(B,)``): ``heatmap`` — soft Dice loss of the sigmoid heatmaps (or binary cross-entropy),
     averaged over landmarks; ``offset_x`` / ``offset_y`` — L1 error of the offset maps inside the true disks.
-    The loss is their sum (offsets weighted by ``lambda_offset``); :py:meth:`components` feeds the loss-threshold
+    The loss is ``lambda_heatmap * heatmap + lambda_offset * (offset_x + offset_y)``; the authors' code weighs the
+    heatmap term 0.5 and uses no Dice smoothing. :py:meth:`components` (unweighted) feeds the loss-threshold
     criterion and its calibration.
 
     Args:
         heatmap: ``"dice"`` or ``"bce"``.
         lambda_offset: weight of the offset terms.
         smooth: soft Dice smoothing.
+        lambda_heatmap: weight of the heatmap term.
 
     Raises:
         ValueError: for an unknown ``heatmap`` loss.
     """
 
-    def __init__(self, heatmap: str = "dice", lambda_offset: float = 1.0, smooth: float = 1.0) -> None:
+    def __init__(
+        self, heatmap: str = "dice", lambda_offset: float = 1.0, smooth: float = 1.0, lambda_heatmap: float = 1.0
+    ) -> None:
         super().__init__()
         if heatmap not in ("dice", "bce"):
             raise ValueError(f"heatmap loss must be 'dice' or 'bce', got {heatmap!r}.")
         self.heatmap = heatmap
         self.lambda_offset = lambda_offset
+        self.lambda_heatmap = lambda_heatmap
         self.smooth = smooth
         self._last = _LastComponents()
 
@@ -190,7 +195,7 @@ class PerSampleLandmarkLoss(nn.Module):
             prob = torch.sigmoid(heat)
             inter = (prob * disk).flatten(2).sum(2)
             denom = prob.flatten(2).sum(2) + disk.flatten(2).sum(2)
-            heat_loss = (1 - (2 * inter + self.smooth) / (denom + self.smooth)).mean(1)
+            heat_loss = (1 - (2 * inter + self.smooth) / (denom + self.smooth + 1e-8)).mean(1)
         else:
             heat_loss = F.binary_cross_entropy_with_logits(heat, disk, reduction="none").flatten(1).mean(1)
         area = disk.flatten(1).sum(1).clamp_min(1.0)
@@ -205,7 +210,7 @@ class PerSampleLandmarkLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(B,)`` per-sample loss."""
         c = self.components(pred, target)
-        return c["heatmap"] + self.lambda_offset * (c["offset_x"] + c["offset_y"])
+        return self.lambda_heatmap * c["heatmap"] + self.lambda_offset * (c["offset_x"] + c["offset_y"])
 
 
 class PerImageDetectionLoss:

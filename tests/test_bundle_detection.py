@@ -35,6 +35,7 @@ def test_detection_bundle_all_configs(tmp_path):
     run(config_file=configs(BUNDLE, "train", "calibrate"), ckpt_path=str(out["std"] / "model.pt"), **tiny(tmp_path))
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     assert thresholds["criterion"] == "loss_threshold"
+    assert thresholds["split"] == "train" and thresholds["samples"] > 0  # the authors' split for loss thresholds
     assert set(thresholds["thresholds"]) == {"classification", "box_regression"}
     assert all(v > 0 for v in thresholds["thresholds"].values())
 

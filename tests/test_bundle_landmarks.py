@@ -25,6 +25,7 @@ def test_landmark_bundle_all_configs(tmp_path):
     run(config_file=configs(BUNDLE, "train", "calibrate"), ckpt_path=str(out["std"] / "model.pt"), **tiny(tmp_path))
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     assert thresholds["criterion"] == "loss_threshold" and thresholds["z"] == 2.0
+    assert thresholds["split"] == "train" and thresholds["samples"] > 0  # the authors' split for loss thresholds
     assert set(thresholds["thresholds"]) == {"heatmap", "offset_x", "offset_y"}
 
     run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **tiny(tmp_path, epochs=2))

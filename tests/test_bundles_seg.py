@@ -45,6 +45,7 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
     run(config_file=configs(bundle, "train", "calibrate"), ckpt_path=str(out["std"] / "model.pt"), **tiny(tmp_path))
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     assert thresholds["criterion"] == "dice" and 0 <= thresholds["thresholds"]["tau"] <= 1
+    assert thresholds["split"] == "val" and thresholds["samples"] > 0
 
     run(config_file=configs(bundle, "train"), output_dir=str(out["amat"]), **tiny(tmp_path, epochs=2))
     state = torch.load(out["amat"] / "model.pt", weights_only=True)
@@ -62,6 +63,9 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
     report = json.loads((out["amat"] / "robustness.json").read_text())
     eps = json.loads(Path(configs(bundle, "evaluate")[0]).read_text())["eps_list"]
     assert report["task"] == "segmentation" and report["eps"] == eps and eps[0] == 0
+    paper = json.loads(Path(configs(bundle, "train")[0]).read_text())["paper_spatial_size"]
+    assert report["eps_scale"] == pytest.approx((16 * 16 / (paper[0] * paper[1])) ** 0.5)
+    assert report["attack"]["random_start"] is True  # the authors' evaluation PGD starts at random
     assert set(report["metrics"]) == {"dice_mean", "dice_total"} and all("dice" in k for k in report["auc"])
     assert all(len(v) == len(eps) for v in report["metrics"].values())
     assert (out["amat"] / "robustness.png").stat().st_size > 0

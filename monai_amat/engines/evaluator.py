@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -47,15 +48,18 @@ class RobustEvaluator(SupervisedEvaluator):
     attack perturbs the prepared inputs before the evaluator's usual forward pass, so inferers, post-transforms,
     metrics and handlers work unchanged (``engine.state.eps`` says which level is running; ``IMAGE`` in the
     output is the adversarial input). Gradients are enabled for the attack even inside a no-grad context. After
-    the last eps, ``engine.state.robustness`` holds ``{"eps": [...], "metrics": {name: [value per eps]}}`` and
-    ``AdversarialEvents.ROBUSTNESS_COMPLETED`` fires (see :py:class:`monai_amat.handlers.RobustnessReport`).
+    the last eps, ``engine.state.robustness`` holds ``{"eps": [...], "eps_scale", "metrics": {name: [value per
+    eps]}}`` and ``AdversarialEvents.ROBUSTNESS_COMPLETED`` fires (see
+    :py:class:`monai_amat.handlers.RobustnessReport`).
 
     Args:
         device: device to evaluate on.
         val_data_loader: the evaluation data.
         network: the network to evaluate.
         attack: the PGD attack (its loss must take the evaluator's targets).
-        eps_list: ascending noise levels, each ``>= 0``.
+        eps_list: ascending noise levels, each ``>= 0``, in the units the report shows (e.g. the paper's).
+        eps_scale: the attack's budget is ``eps * eps_scale`` (``> 0``), e.g. to keep the per-pixel noise of the
+            paper's eps on smaller inputs; ``engine.state.robustness`` records it.
         prepare_batch: as in ``SupervisedEvaluator``; the attack perturbs its first item.
         attack_network: the network whose output the attack's loss takes, called directly on the inputs (e.g. a
             detector's ``network``, whose head outputs give its training loss, while the evaluator's ``network`` is
@@ -64,7 +68,7 @@ class RobustEvaluator(SupervisedEvaluator):
             ``inferer``, ``postprocessing``, ``val_handlers``, ``amp``...).
 
     Raises:
-        ValueError: for an empty, negative or non-ascending ``eps_list``.
+        ValueError: for an empty, negative or non-ascending ``eps_list``, or ``eps_scale <= 0``.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class RobustEvaluator(SupervisedEvaluator):
         network: torch.nn.Module,
         attack: PGD,
         eps_list: Sequence[float],
+        eps_scale: float = 1.0,
         prepare_batch: Callable = default_prepare_batch,
         attack_network: torch.nn.Module | None = None,
         **kwargs: Any,
@@ -89,6 +94,9 @@ class RobustEvaluator(SupervisedEvaluator):
         )
         self.attack = attack
         self.eps_list = check_eps_list(eps_list)
+        if not (eps_scale > 0 and math.isfinite(eps_scale)):
+            raise ValueError(f"eps_scale must be finite and > 0, got {eps_scale!r}.")
+        self.eps_scale = float(eps_scale)
         self.clean_prepare_batch = prepare_batch
         self.attack_network = attack_network
         self.state.eps = 0.0
@@ -108,7 +116,7 @@ class RobustEvaluator(SupervisedEvaluator):
                     return network(x)
                 return self.inferer(x, network, *args, **kw)
 
-        adv = self.attack(network, batch[0], batch[1], self.state.eps, forward_fn=forward)
+        adv = self.attack(network, batch[0], batch[1], self.state.eps * self.eps_scale, forward_fn=forward)
         return (adv, *batch[1:])
 
     def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
@@ -124,5 +132,5 @@ class RobustEvaluator(SupervisedEvaluator):
             for name, value in self.state.metrics.items():
                 results.setdefault(name, []).append(float(torch.as_tensor(value).float().mean()))
         self.state.eps = 0.0
-        self.state.robustness = {"eps": list(self.eps_list), "metrics": results}
+        self.state.robustness = {"eps": list(self.eps_list), "eps_scale": self.eps_scale, "metrics": results}
         self.fire_event(AdversarialEvents.ROBUSTNESS_COMPLETED)

@@ -325,6 +325,8 @@ class SATTrainer(RobustTrainer):
         eps: the one noise level, ``>= 0``.
         adversarial_only: train on adversarial samples only (``beta = 1``, the segmentation reference code);
             False mixes ``(1 - beta)`` clean and ``beta`` adversarial (landmark and detection code).
+        start_on_sphere: with a random start, start on the sphere of radius ``eps`` (the authors' SAT); False
+            starts uniformly inside the ball.
         args: positional arguments of :py:class:`RobustTrainer`.
         kwargs: keyword arguments of :py:class:`RobustTrainer`.
 
@@ -332,7 +334,9 @@ class SATTrainer(RobustTrainer):
         ValueError: for a negative ``eps``, or ``adversarial_only`` with a ``beta`` other than 1.
     """
 
-    def __init__(self, *args: Any, eps: float, adversarial_only: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, eps: float, adversarial_only: bool = False, start_on_sphere: bool = True, **kwargs: Any
+    ) -> None:
         if not eps >= 0:
             raise ValueError(f"SAT eps must be >= 0, got {eps!r}.")
         if adversarial_only:
@@ -341,7 +345,8 @@ class SATTrainer(RobustTrainer):
             kwargs["beta"] = 1.0
         super().__init__(*args, **kwargs)
         self.eps = float(eps)
+        self.start_on_sphere = bool(start_on_sphere)
 
     def budget(self, engine: RobustTrainer, indices: torch.Tensor | None, batch_size: int) -> tuple[Any, Any]:
-        """The fixed eps; random start uniform in the ball."""
-        return self.eps, None
+        """The fixed eps; the random start on its sphere, or uniform in the ball."""
+        return self.eps, self.eps if self.start_on_sphere else None

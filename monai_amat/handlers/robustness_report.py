@@ -34,7 +34,11 @@ def area_under_curve(eps: Sequence[float], values: Sequence[float]) -> float:
 
 
 def plot_robustness(
-    path: str | os.PathLike, eps: Sequence[float], curves: Mapping[str, Mapping[str, Sequence[float]]], title: str = ""
+    path: str | os.PathLike,
+    eps: Sequence[float],
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    title: str = "",
+    eps_label: str = "eps",
 ) -> None:
     """Plot metric-vs-eps curves, one panel per metric, one line per model; written atomically as PNG.
 
@@ -43,6 +47,7 @@ def plot_robustness(
         eps: noise levels.
         curves: ``{model: {metric: [value per eps]}}``.
         title: figure title.
+        eps_label: the x-axis label.
     """
     import matplotlib
 
@@ -55,7 +60,7 @@ def plot_robustness(
         for model, c in curves.items():
             if metric in c:
                 ax.plot(eps, c[metric], marker="o", label=model)
-        ax.set_xlabel("eps")
+        ax.set_xlabel(eps_label)
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -69,8 +74,9 @@ def plot_robustness(
 class RobustnessReport:
     """Writes ``robustness.json`` and ``robustness.png`` when a ``RobustEvaluator`` has evaluated every eps.
 
-    The JSON is ``{"task", "attack": {...}, "eps": [...], "metrics": {name: [value per eps]}, "auc": {name: area
-    under the metric-vs-eps curve}}``; only rank 0 writes, atomically.
+    The JSON is ``{"task", "attack": {...}, "eps": [...], "eps_scale", "metrics": {name: [value per eps]}, "auc":
+    {name: area under the metric-vs-eps curve}}``: ``eps`` (and the AUC) in the evaluator's units (the paper's, in the
+    bundles), the attack's budget being ``eps * eps_scale``. Only rank 0 writes, atomically.
 
     Args:
         output_dir: the folder for both files.
@@ -127,12 +133,18 @@ class RobustnessReport:
                 "value_range": attack.value_range,
             },
             "eps": result["eps"],
+            "eps_scale": result.get("eps_scale", 1.0),
             "metrics": metrics,
             "auc": {n: area_under_curve(result["eps"], v) for n, v in metrics.items()},
         }
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
         write_json(self.output_dir / f"{self.filename}.json", self.report)
+        scale = self.report["eps_scale"]
         plot_robustness(
-            self.output_dir / f"{self.filename}.png", result["eps"], {self.model_name: metrics}, title=self.task
+            self.output_dir / f"{self.filename}.png",
+            result["eps"],
+            {self.model_name: metrics},
+            title=self.task,
+            eps_label="eps" if scale == 1.0 else f"eps (paper units; x{scale:.3g} applied)",
         )
