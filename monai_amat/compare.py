@@ -1,8 +1,8 @@
 """The paper's comparison protocol on one bundle: STD, calibration, AMAT, SAT at several eps, robust evaluation.
 
 ``python -m monai_amat.compare --bundle bundles/NAME --output_dir DIR [--epochs N] [--attack_steps K]
-[--data_source ...] [--dataset_dir ...] [--sat_eps "[...]"] [--KEY VALUE ...]`` runs, with the bundle's own configs
-(each stage a ``python -m monai.bundle run`` process, or in this process with ``--in_process``):
+[--data_source ...] [--dataset_dir ...] [--sat_eps "[...]"] [--seeds "[...]"] [--KEY VALUE ...]`` runs, with the
+bundle's own configs (each stage a ``python -m monai.bundle run`` process, or in this process with ``--in_process``):
 
 1. standard training (``train.json`` + ``train_std.json``) into ``DIR/std``;
 2. calibration of the criterion from that model (``train.json`` + ``calibrate.json``) into ``DIR/thresholds.json``;
@@ -13,7 +13,13 @@
    ``eps_list``: ``robustness.json`` and ``.png`` in each run folder;
 
 then writes ``DIR/comparison.json``, ``DIR/comparison.md`` (one table per metric: rows models, columns clean and
-each eps, AUC, training time) and ``DIR/comparison.png`` (one panel per metric, one line per model).
+each eps, AUC, training time; then the verdict on the paper's claims) and ``DIR/comparison.png`` (one panel per
+metric, one line per model, and a clean-metric-vs-AUC panel).
+
+Without ``--seeds`` every model is trained once, with the bundle's ``seed``. ``--seeds "[0, 1, 2]"`` repeats the
+whole protocol once per seed (the bundle key ``seed`` given as an override), into ``DIR/std_s<seed>``,
+``DIR/thresholds_s<seed>.json``, ``DIR/amat_s<seed>``, ``DIR/sat_<eps>_s<seed>``; the comparison then shows the
+means over the seeds with their sample standard deviations.
 
 Every other ``--KEY VALUE`` (a Python literal, else a string) is passed to every run as a config override.
 ``--attack_steps K`` sets both the evaluation's ``attack_steps`` and the training attack's ``train_attack_steps``
@@ -46,7 +52,11 @@ __all__ = [
     "ModelRun",
     "Comparison",
     "bundle_defaults",
+    "parse_sat_eps",
+    "parse_seeds",
     "load_model_result",
+    "combine_seeds",
+    "claims_verdict",
     "comparison_markdown",
     "write_comparison",
     "build_parser",
@@ -133,6 +143,30 @@ def parse_sat_eps(text: str | float | Sequence[float]) -> list[float]:
     return sorted(float(v) for v in values)
 
 
+def parse_seeds(text: str | Sequence[int]) -> list[int]:
+    """The seeds of ``--seeds``: a list of distinct integers >= 0.
+
+    Args:
+        text: e.g. ``"[0, 1, 2]"``, or already a list.
+
+    Returns:
+        The seeds, in the given order.
+
+    Raises:
+        argparse.ArgumentTypeError: when the value is not such a list.
+    """
+    value = _literal(text) if isinstance(text, str) else text
+    example = 'expected a list of distinct integers >= 0, e.g. "[0, 1, 2]"'
+    if not isinstance(value, (list, tuple)) or not value:
+        raise argparse.ArgumentTypeError(f"{example}; got {text!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise argparse.ArgumentTypeError(f"{example}; got {text!r} (bad value {v!r})")
+    if len(set(value)) != len(value):
+        raise argparse.ArgumentTypeError(f"{example}; got {text!r} (repeated seed)")
+    return list(value)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -167,7 +201,7 @@ def bundle_defaults(bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] 
 
     Returns:
         ``{"eps_list", "sat_eps_list", "epochs", "attack_steps", "train_attack_steps", "data_source",
-        "dataset_dir"}``; a key the bundle lacks maps to None.
+        "dataset_dir", "seed"}``; a key the bundle lacks maps to None.
     """
     from monai.bundle import ConfigParser
 
@@ -175,7 +209,16 @@ def bundle_defaults(bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] 
     parser = ConfigParser()
     parser.read_config([str(bundle_dir / "configs" / f"{n}.json") for n in ("train", "evaluate")])
     parser.update({"bundle_root": str(bundle_dir), **dict(overrides or {})})
-    keys = ("eps_list", "sat_eps_list", "epochs", "attack_steps", "train_attack_steps", "data_source", "dataset_dir")
+    keys = (
+        "eps_list",
+        "sat_eps_list",
+        "epochs",
+        "attack_steps",
+        "train_attack_steps",
+        "data_source",
+        "dataset_dir",
+        "seed",
+    )
     return {k: parser.get_parsed_content(k) if k in parser else None for k in keys}
 
 
@@ -206,19 +249,21 @@ def _run_arguments() -> set[str]:
 
 @dataclass
 class ModelRun:
-    """One model of the comparison and its run folder.
+    """One model of the comparison, trained with one seed, and its run folder.
 
     Args:
         name: ``"STD"``, ``"AMAT"`` or ``"SAT-<eps>"``.
         run_dir: the run's ``output_dir``.
         configs: the bundle configs of its training, e.g. ``("train", "train_sat")``.
-        overrides: overrides of this model only (``{"sat_eps": 5.0}`` for SAT).
+        overrides: overrides of this model only (``{"sat_eps": 5.0}`` for SAT; ``{"seed": s}`` with ``--seeds``).
+        seed: the seed of this run (the bundle's own ``seed`` without ``--seeds``).
     """
 
     name: str
     run_dir: Path
     configs: tuple[str, ...]
     overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
 
 
 @dataclass
@@ -230,11 +275,12 @@ class _Stage:
     args: dict[str, Any]
     settings: dict[str, Any]
     output: Path
-    model: ModelRun | None = None
+    model: ModelRun  # the model it trains or evaluates; the STD model a calibration reads
+    tag: str = ""  # added to its record, args file and log names (per-seed calibrations share one folder)
 
     @property
     def record(self) -> Path:
-        return self.folder / f"compare_{self.kind}.json"
+        return self.folder / f"compare_{self.kind}{self.tag}.json"
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -255,11 +301,14 @@ class Comparison:
         sat_eps: the SAT levels; None takes the bundle's ``sat_eps_list``.
         in_process: run the stages with ``monai.bundle.run`` in this process instead of one
             ``python -m monai.bundle run`` process each (faster to start, no isolation).
+        seeds: run the whole protocol once per seed (the bundle key ``seed`` as an override), into run folders
+            suffixed ``_s<seed>``; None runs it once with the bundle's ``seed``, into unsuffixed folders.
 
     Raises:
         CompareError: for an unknown bundle, a key that is neither a config key of the bundle nor a
             ``monai.bundle run`` argument, a key the runner sets itself, a bad resolved setting (e.g. an
-            ``eps_list`` that is not ascending), or a training already run in ``output_dir`` with other settings.
+            ``eps_list`` that is not ascending), bad ``seeds`` or ``seeds`` together with a ``seed`` override, or a
+            training already run in ``output_dir`` with other settings.
     """
 
     def __init__(
@@ -269,6 +318,7 @@ class Comparison:
         overrides: Mapping[str, Any] | None = None,
         sat_eps: Sequence[float] | None = None,
         in_process: bool = False,
+        seeds: Sequence[int] | None = None,
     ) -> None:
         self.bundle_dir = _bundle_dir(bundle)
         self.bundle = self.bundle_dir.name
@@ -276,10 +326,19 @@ class Comparison:
         self.overrides = _jsonable(dict(overrides or {}))
         self.in_process = in_process
         self._check_keys()
+        self.per_seed = seeds is not None
+        if seeds is not None:
+            if "seed" in self.overrides:
+                raise CompareError("give the seeds with --seeds only, not also with --seed.", "--seeds")
+            try:
+                seeds = parse_seeds(list(seeds))
+            except argparse.ArgumentTypeError as e:
+                raise CompareError(str(e), "--seeds") from e
         try:
             defaults = bundle_defaults(self.bundle_dir, self.overrides)
         except Exception as e:  # the config parser wraps anything an expression raises
             raise CompareError(f"cannot read the settings of bundle {self.bundle} with these overrides: {e}") from e
+        self.seeds = list(seeds) if seeds is not None else [defaults["seed"]]
         if sat_eps is None:
             if defaults["sat_eps_list"] is None:
                 raise CompareError(f"bundle {self.bundle} has no sat_eps_list: give the SAT levels.", "--sat_eps")
@@ -302,17 +361,33 @@ class Comparison:
             )
         except ValueError as e:
             raise CompareError(str(e)) from e
-        self.models = [
-            ModelRun("STD", self.output_dir / "std", ("train", "train_std")),
-            ModelRun("AMAT", self.output_dir / "amat", ("train",)),
+        self.models = [m for seed in self.seeds for m in self._models(seed)]
+        self.stages = self._plan()
+        self._check_conflicts()
+
+    def _suffix(self, seed: int | None) -> str:
+        """``_s<seed>`` with ``--seeds``, else nothing (the folder names of a single run)."""
+        return f"_s{seed}" if self.per_seed else ""
+
+    def _seed_overrides(self, seed: int | None) -> dict[str, Any]:
+        return {"seed": seed} if self.per_seed else {}
+
+    def _models(self, seed: int | None) -> list[ModelRun]:
+        """The models trained with one seed: STD, AMAT, then SAT at each level."""
+        suffix, extra = self._suffix(seed), self._seed_overrides(seed)
+        return [
+            ModelRun("STD", self.output_dir / f"std{suffix}", ("train", "train_std"), dict(extra), seed),
+            ModelRun("AMAT", self.output_dir / f"amat{suffix}", ("train",), dict(extra), seed),
         ] + [
             ModelRun(
-                f"SAT-{_eps_label(e)}", self.output_dir / f"sat_{_eps_label(e)}", ("train", "train_sat"), {"sat_eps": e}
+                f"SAT-{_eps_label(e)}",
+                self.output_dir / f"sat_{_eps_label(e)}{suffix}",
+                ("train", "train_sat"),
+                {**extra, "sat_eps": e},
+                seed,
             )
             for e in self.sat_eps
         ]
-        self.stages = self._plan()
-        self._check_conflicts()
 
     def _check_keys(self) -> None:
         parser = _known_keys(self.bundle_dir)
@@ -328,13 +403,18 @@ class Comparison:
                 )
 
     def _plan(self) -> list[_Stage]:
-        common = {"bundle_root": str(self.bundle_dir), "thresholds_file": str(self.output_dir / "thresholds.json")}
+        """The stages, seed after seed: STD training, calibration, the other trainings, every evaluation."""
         train_settings = {k: v for k, v in self.overrides.items() if k not in EVAL_ONLY_KEYS}
-        trainings: list[_Stage] = []
-        for m in self.models:
-            trainings.append(
+        stages: list[_Stage] = []
+        for seed in self.seeds:
+            suffix, extra = self._suffix(seed), self._seed_overrides(seed)
+            of_seed = f" (seed {seed})" if self.per_seed else ""
+            thresholds = self.output_dir / f"thresholds{suffix}.json"
+            common = {"bundle_root": str(self.bundle_dir), "thresholds_file": str(thresholds)}
+            models = [m for m in self.models if m.seed == seed]
+            trainings = [
                 _Stage(
-                    f"{m.name} training",
+                    f"{m.name} training{of_seed}",
                     "train",
                     m.run_dir,
                     m.configs,
@@ -343,22 +423,29 @@ class Comparison:
                     m.run_dir / "model.pt",
                     m,
                 )
+                for m in models
+            ]
+            std = models[0]
+            calibration = _Stage(
+                f"calibration (criterion from the STD model){of_seed}",
+                "calibrate",
+                self.output_dir,
+                ("train", "calibrate"),
+                {
+                    **common,
+                    **self.overrides,
+                    **extra,
+                    "output_dir": str(std.run_dir),
+                    "ckpt_path": str(std.run_dir / "model.pt"),
+                },
+                _jsonable({**train_settings, **extra}),
+                thresholds,
+                std,
+                suffix,
             )
-        std = self.models[0]
-        calibration = _Stage(
-            "calibration (criterion from the STD model)",
-            "calibrate",
-            self.output_dir,
-            ("train", "calibrate"),
-            {**common, **self.overrides, "output_dir": str(std.run_dir), "ckpt_path": str(std.run_dir / "model.pt")},
-            _jsonable(train_settings),
-            self.output_dir / "thresholds.json",
-        )
-        stages = [trainings[0], calibration, *trainings[1:]]
-        for m in self.models:
-            stages.append(
+            evaluations = [
                 _Stage(
-                    f"{m.name} evaluation",
+                    f"{m.name} evaluation{of_seed}",
                     "evaluate",
                     m.run_dir,
                     (*m.configs, "evaluate"),
@@ -373,7 +460,9 @@ class Comparison:
                     m.run_dir / "robustness.json",
                     m,
                 )
-            )
+                for m in models
+            ]
+            stages += [trainings[0], calibration, *trainings[1:], *evaluations]
         return stages
 
     def _check_conflicts(self) -> None:
@@ -404,9 +493,7 @@ class Comparison:
             if record and not record.get("finished") and (stage.folder / "checkpoint.pt").is_file():
                 return "resume"
             return "run"
-        source = (
-            self.models[0].run_dir / "model.pt" if stage.kind == "calibrate" else stage.folder / "model.pt"
-        )  # a retrained model invalidates what was derived from it
+        source = stage.model.run_dir / "model.pt"  # a retrained model invalidates what was derived from it
         if finished and stage.output.is_file() and stage.output.stat().st_mtime >= source.stat().st_mtime:
             return "done"
         return "run"
@@ -423,8 +510,9 @@ class Comparison:
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _say(f"bundle {self.bundle} -> {self.output_dir}")
+        names = dict.fromkeys(m.name for m in self.models)
         _say(
-            f"models: {', '.join(m.name for m in self.models)}; eval eps {[_eps_label(e) for e in self.eps]}; "
+            f"models: {', '.join(names)}; seeds {self.seeds}; eval eps {[_eps_label(e) for e in self.eps]}; "
             f"settings {self.settings}; overrides {self.overrides or 'none'}"
         )
         n = len(self.stages)
@@ -438,15 +526,17 @@ class Comparison:
             _say(f"stage {i}/{n}: {stage.label} -> {where}{note}")
             seconds = self._execute(stage, resume=status == "resume")
             _say(f"stage {i}/{n}: {stage.label} done in {seconds:.1f} s")
-        results = [load_model_result(m.run_dir, m.name) for m in self.models]
-        for r in results:
+        results: dict[str, list[dict[str, Any]]] = {}
+        for m in self.models:
+            r = load_model_result(m.run_dir, m.name)
             if [float(e) for e in r["eps"]] != [float(e) for e in self.eps]:
                 raise StageError(f"{r['run_dir']}/robustness.json has eps {r['eps']}, expected {self.eps}.")
+            results.setdefault(m.name, []).append(r)
         comparison = write_comparison(
             self.output_dir,
             self.bundle,
             self.eps,
-            results,
+            [combine_seeds(runs, self.seeds) for runs in results.values()],
             settings={**self.settings, "sat_eps": self.sat_eps, "overrides": self.overrides},
         )
         _say(f"wrote {self.output_dir / 'comparison.json'}, comparison.md, comparison.png")
@@ -463,7 +553,7 @@ class Comparison:
         if stage.kind == "train":
             args["resume"] = resume
         stage.folder.mkdir(parents=True, exist_ok=True)
-        args_file = stage.folder / f"compare_{stage.kind}_args.json"
+        args_file = stage.folder / f"compare_{stage.kind}{stage.tag}_args.json"
         write_json(args_file, args)
         started = time.time()
         write_json(
@@ -488,7 +578,7 @@ class Comparison:
                     f"{stage.label} failed: {_root_cause(e)}. Run the same command again to go on from there."
                 ) from e
         else:
-            log = stage.folder / f"compare_{stage.kind}.log"
+            log = stage.folder / f"compare_{stage.kind}{stage.tag}.log"
             cmd = [sys.executable, "-m", "monai.bundle", "run", "--args_file", str(args_file)]
             rc = _stream(cmd, log)
             if rc != 0:
@@ -532,15 +622,15 @@ def _stream(cmd: Sequence[str], log: Path, out: TextIO | None = None) -> int:
 
 
 def load_model_result(run_dir: str | os.PathLike, name: str) -> dict[str, Any]:
-    """One model's entry of ``comparison.json`` from its run folder.
+    """One model's result, from one run folder.
 
     Args:
         run_dir: the run folder holding ``robustness.json`` and, from the runner, ``compare_train.json``.
         name: the model's name (``"STD"``, ``"AMAT"``, ``"SAT-<eps>"``).
 
     Returns:
-        ``{"name", "run_dir", "task", "attack", "eps", "metrics", "auc", "train_seconds"}``; ``train_seconds`` is
-        None without a finished training record.
+        ``{"name", "run_dir", "task", "attack", "eps", "metrics", "auc", "train_seconds"}``, plus ``"eps_scale"``
+        when ``robustness.json`` has it; ``train_seconds`` is None without a finished training record.
 
     Raises:
         FileNotFoundError: when ``robustness.json`` is missing.
@@ -554,7 +644,7 @@ def load_model_result(run_dir: str | os.PathLike, name: str) -> dict[str, Any]:
     auc = dict(report.get("auc") or {})
     for metric, values in report["metrics"].items():
         auc.setdefault(metric, area_under_curve(report["eps"], values))
-    return {
+    result = {
         "name": name,
         "run_dir": str(run_dir),
         "task": report.get("task"),
@@ -564,6 +654,95 @@ def load_model_result(run_dir: str | os.PathLike, name: str) -> dict[str, Any]:
         "auc": auc,
         "train_seconds": record.get("train_seconds") if record.get("finished") else None,
     }
+    if report.get("eps_scale") is not None:
+        result["eps_scale"] = report["eps_scale"]
+    return result
+
+
+def _mean_sd(values: Sequence[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; 0.0 for one value); ``(None, None)`` when a value is missing."""
+    if any(v is None for v in values):
+        return None, None
+    numbers = [float(v) for v in values]
+    mean = sum(numbers) / len(numbers)
+    if len(numbers) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in numbers) / (len(numbers) - 1))
+
+
+def _common_eps_scale(entries: Sequence[Mapping[str, Any]], what: str) -> Any:
+    """The first ``eps_scale`` among ``entries`` (None when none has one); they must agree."""
+    scales = [e["eps_scale"] for e in entries if e.get("eps_scale") is not None]
+    if any(not math.isclose(float(s), float(scales[0])) for s in scales):
+        raise ValueError(f"{what} have different eps_scale values: {scales}.")
+    return scales[0] if scales else None
+
+
+def combine_seeds(results: Sequence[Mapping[str, Any]], seeds: Sequence[int | None]) -> dict[str, Any]:
+    """One model's entry of ``comparison.json`` from its runs with each seed: means and sample sds over the seeds.
+
+    Args:
+        results: the model's results as :py:func:`load_model_result` returns them, one per seed.
+        seeds: the seed of each result.
+
+    Returns:
+        ``{"name", "task", "attack", "eps", "metrics", "auc", "train_seconds"}`` holding the means over the seeds
+        (None where a run lacks the value), plus ``"metrics_sd"``, ``"auc_sd"``, ``"train_seconds_sd"`` (sample
+        standard deviations, ddof 1; 0.0 for one seed), ``"seeds"`` and ``"per_seed"`` (``[{"seed", "run_dir",
+        "metrics", "auc", "train_seconds"}]``); ``"run_dir"`` too for one seed, ``"eps_scale"`` when the runs have
+        one.
+
+    Raises:
+        ValueError: when there is not one result per seed, or the results differ in name, eps, metrics or
+            ``eps_scale``.
+    """
+    if not results or len(results) != len(seeds):
+        raise ValueError(f"expected one result per seed, got {len(results)} for seeds {list(seeds)}.")
+    first = results[0]
+
+    def shape(result: Mapping[str, Any]) -> tuple[Any, ...]:
+        lengths = {metric: len(values) for metric, values in result["metrics"].items()}
+        return result["name"], [float(e) for e in result["eps"]], lengths
+
+    if any(shape(r) != shape(first) for r in results[1:]):
+        raise ValueError(f"{first['name']}: the runs of seeds {list(seeds)} differ in model, eps or metrics.")
+    metrics = {
+        metric: [_mean_sd(column) for column in zip(*(r["metrics"][metric] for r in results))]
+        for metric in first["metrics"]
+    }
+    auc = {metric: _mean_sd([r["auc"].get(metric) for r in results]) for metric in first["auc"]}
+    seconds, seconds_sd = _mean_sd([r.get("train_seconds") for r in results])
+    entry: dict[str, Any] = {"name": first["name"]}
+    if len(results) == 1 and "run_dir" in first:
+        entry["run_dir"] = first["run_dir"]
+    entry.update(
+        {
+            "task": first.get("task"),
+            "attack": first.get("attack"),
+            "eps": list(first["eps"]),
+            "metrics": {metric: [mean for mean, _ in pairs] for metric, pairs in metrics.items()},
+            "auc": {metric: mean for metric, (mean, _) in auc.items()},
+            "train_seconds": seconds,
+            "metrics_sd": {metric: [sd for _, sd in pairs] for metric, pairs in metrics.items()},
+            "auc_sd": {metric: sd for metric, (_, sd) in auc.items()},
+            "train_seconds_sd": seconds_sd,
+            "seeds": list(seeds),
+            "per_seed": [
+                {
+                    "seed": seed,
+                    "run_dir": r.get("run_dir"),
+                    "metrics": r["metrics"],
+                    "auc": r["auc"],
+                    "train_seconds": r.get("train_seconds"),
+                }
+                for seed, r in zip(seeds, results)
+            ],
+        }
+    )
+    eps_scale = _common_eps_scale(results, f"the runs of {first['name']}")
+    if eps_scale is not None:
+        entry["eps_scale"] = eps_scale
+    return entry
 
 
 def _lower_is_better(metric: str) -> bool:
@@ -581,6 +760,12 @@ def _number(value: Any) -> float | None:
 def _fmt(value: Any, digits: int = 3) -> str:
     v = _number(value)
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _cell(mean: Any, sd: Any, digits: int, spread: bool) -> str:
+    """A table value: the mean, followed by ``± sd`` when the comparison has several seeds."""
+    text = _fmt(mean, digits)
+    return f"{text} ± {_fmt(sd, digits)}" if spread and _number(mean) is not None else text
 
 
 def _digits(values: Sequence[Any]) -> int:
@@ -607,49 +792,172 @@ def _time_unit(seconds: Sequence[float | None]) -> tuple[str, float]:
     return "s", 1.0
 
 
-def _claims(metric: str, models: Sequence[Mapping[str, Any]], vd: int = 3, ad: int = 3) -> list[str]:
-    """The AUC and clean-value lines of one metric: AMAT against every SAT model (``vd``/``ad``: decimals)."""
-    amat = next((m for m in models if m["name"] == "AMAT"), None)
-    sats = [m for m in models if m["name"].startswith("SAT")]
-    if amat is None or not sats:
-        return []
+def _main_metric(models: Sequence[Mapping[str, Any]]) -> str | None:
+    """The bundle's main metric: the first metric of the first model (the first of its ``robustness.json``)."""
+    return next((metric for m in models for metric in m["metrics"]), None)
+
+
+@dataclass
+class _Scores:
+    """One model on one metric: clean value and AUC (means over seeds, with their sds) and its training time."""
+
+    name: str
+    clean: float
+    clean_sd: float
+    auc: float
+    auc_sd: float
+    seconds: float | None
+
+
+def _scores(model: Mapping[str, Any], metric: str) -> _Scores | None:
+    """``model``'s scores on ``metric``; None when its clean value or AUC is missing or not finite."""
+    clean = _number((model["metrics"].get(metric) or [None])[0])
+    auc = _number(model["auc"].get(metric))
+    if clean is None or auc is None:
+        return None
+    clean_sd = _number(((model.get("metrics_sd") or {}).get(metric) or [0.0])[0]) or 0.0
+    auc_sd = _number((model.get("auc_sd") or {}).get(metric, 0.0)) or 0.0
+    return _Scores(model["name"], clean, clean_sd, auc, auc_sd, _number(model.get("train_seconds")))
+
+
+def _gain(value: float, reference: float, lower_is_better: bool) -> float:
+    """How much better ``value`` is than ``reference`` in the metric's direction (negative: worse)."""
+    return reference - value if lower_is_better else value - reference
+
+
+def _amat_versus_sat(
+    amat: _Scores, sat: _Scores, quantity: str, matched_on: str, lower_is_better: bool
+) -> dict[str, Any]:
+    """AMAT against one SAT model on ``quantity`` (``"clean"`` or ``"auc"``): difference, combined sd, outcome."""
+    amat_value, amat_sd = getattr(amat, quantity), getattr(amat, f"{quantity}_sd")
+    sat_value, sat_sd = getattr(sat, quantity), getattr(sat, f"{quantity}_sd")
+    combined_sd = math.hypot(amat_sd, sat_sd)
+    gain = _gain(amat_value, sat_value, lower_is_better)
+    outcome = "better" if gain > combined_sd else "worse" if -gain > combined_sd else "within sd"
+    return {
+        "quantity": quantity,
+        "sat": sat.name,
+        "matched_on": matched_on,
+        "amat": amat_value,
+        "amat_sd": amat_sd,
+        "sat_value": sat_value,
+        "sat_sd": sat_sd,
+        "difference": amat_value - sat_value,
+        "combined_sd": combined_sd,
+        "outcome": outcome,
+    }
+
+
+def claims_verdict(models: Sequence[Mapping[str, Any]], metric: str | None = None) -> dict[str, Any] | None:
+    """The paper's claims checked on one metric: AMAT against the SAT models, on the means with their sds.
+
+    The combined sd of two models is ``sqrt(sd_1 ** 2 + sd_2 ** 2)``; lower is better for metrics named like errors
+    (``mre``, ``error``, ``loss``, ``distance``, ``hausdorff``), for their AUC too.
+
+    - ``"a"``: no SAT beats AMAT on both the clean metric and the AUC by more than their combined sd
+      (``{"claim", "holds", "sats_beating_amat"}``);
+    - ``"b"``: AMAT's AUC against the SAT whose clean metric is nearest AMAT's;
+    - ``"c"``: AMAT's clean metric against the SAT whose AUC is nearest AMAT's (both ``{"quantity", "sat",
+      "matched_on", "amat", "amat_sd", "sat_value", "sat_sd", "difference" (AMAT - SAT), "combined_sd",
+      "outcome"}``, the outcome ``"better"``, ``"worse"`` or ``"within sd"`` for AMAT);
+    - ``"d"``: training time, ``{"amat_seconds", "sat_seconds_mean", "ratio" (AMAT / mean SAT), "per_sat": {name:
+      AMAT / SAT}}`` (None where a time is missing).
+
+    Args:
+        models: entries of ``comparison.json`` (``name``, ``metrics``, ``auc``, ``train_seconds``; ``metrics_sd``
+            and ``auc_sd`` when there are several seeds, else the sds are 0), with ``"AMAT"`` and ``"SAT-<eps>"``.
+        metric: the metric; default the main metric (the first of the first model's ``metrics``).
+
+    Returns:
+        ``{"metric", "lower_is_better", "a", "b", "c", "d"}``, or None without an AMAT model, without a SAT model, or
+        when one of their clean values or AUCs is missing or not finite.
+    """
+    metric = metric or _main_metric(models)
+    if metric is None:
+        return None
+    amat = next((_scores(m, metric) for m in models if m["name"] == "AMAT"), None)
+    sats = [_scores(m, metric) for m in models if m["name"].startswith("SAT")]
+    if amat is None or not sats or None in sats:
+        return None
     lower = _lower_is_better(metric)
-    better, word = (float.__lt__, "lower") if lower else (float.__gt__, "higher")
-    a = _number(amat["auc"].get(metric))
-    sat_auc = [(m, _number(m["auc"].get(metric))) for m in sats]
-    if a is None or any(v is None for _, v in sat_auc):
-        return ["- AUC: not comparable (a value is missing or not finite)."]
-    lines = []
-    losers = [f"{m['name']} {_fmt(v, ad)}" for m, v in sat_auc if not better(a, v)]
-    if not losers:
-        best = min(sat_auc, key=lambda mv: mv[1]) if lower else max(sat_auc, key=lambda mv: mv[1])
+    beating = [
+        s.name
+        for s in sats
+        if _gain(s.clean, amat.clean, lower) > math.hypot(s.clean_sd, amat.clean_sd)
+        and _gain(s.auc, amat.auc, lower) > math.hypot(s.auc_sd, amat.auc_sd)
+    ]
+    nearest_clean = min(sats, key=lambda s: abs(s.clean - amat.clean))
+    nearest_auc = min(sats, key=lambda s: abs(s.auc - amat.auc))
+    timed = [s for s in sats if s.seconds]
+    sat_seconds = sum(s.seconds for s in timed) / len(timed) if timed else None
+    return {
+        "metric": metric,
+        "lower_is_better": lower,
+        "a": {
+            "claim": "no SAT beats AMAT on both the clean metric and the AUC by more than their combined sd",
+            "holds": not beating,
+            "sats_beating_amat": beating,
+        },
+        "b": _amat_versus_sat(amat, nearest_clean, "auc", "clean", lower),
+        "c": _amat_versus_sat(amat, nearest_auc, "clean", "auc", lower),
+        "d": {
+            "amat_seconds": amat.seconds,
+            "sat_seconds_mean": sat_seconds,
+            "ratio": amat.seconds / sat_seconds if amat.seconds and sat_seconds else None,
+            "per_sat": {s.name: amat.seconds / s.seconds for s in timed} if amat.seconds else {},
+        },
+    }
+
+
+def _verdict_lines(
+    verdict: Mapping[str, Any] | None, seeds: Sequence[Any], clean_digits: int, auc_digits: int
+) -> list[str]:
+    """The "Claims verdict" section of ``comparison.md`` for :py:func:`claims_verdict`'s result."""
+    lines = ["## Claims verdict", ""]
+    if verdict is None:
+        return [*lines, "Not available: it needs AMAT, a SAT model and finite clean values and AUCs.", ""]
+    metric, spread = verdict["metric"], len(seeds) > 1
+    over = f"means over seeds {', '.join(map(str, seeds))} with their sample sds" if spread else "one seed"
+    direction = "lower" if verdict["lower_is_better"] else "higher"
+    lines += [
+        f"Main metric {metric} ({direction} is better; its AUC too), {over}; the combined sd of two models is "
+        "sqrt(sd_AMAT^2 + sd_SAT^2).",
+        "",
+    ]
+    a = verdict["a"]
+    outcome = "holds" if a["holds"] else f"fails: {', '.join(a['sats_beating_amat'])}"
+    lines.append(f"- (a) No SAT beats AMAT on both clean {metric} and AUC by more than their combined sd: {outcome}.")
+    words = {"better": "AMAT better", "worse": "AMAT worse", "within sd": "within the combined sd"}
+    for key, digits, what, nearest in (
+        ("b", auc_digits, "AUC", f"the SAT with the clean {metric} nearest AMAT's"),
+        ("c", clean_digits, f"Clean {metric}", "the SAT with the AUC nearest AMAT's"),
+    ):
+        v = verdict[key]
+        difference = f"{v['difference']:+.{digits}f}" + (f" ± {v['combined_sd']:.{digits}f}" if spread else "")
         lines.append(
-            f"- AUC: AMAT's {_fmt(a, ad)} is {word} than every SAT's "
-            f"(best SAT: {best[0]['name']} {_fmt(best[1], ad)}): yes."
+            f"- ({key}) {what}: AMAT {_cell(v['amat'], v['amat_sd'], digits, spread)} vs {v['sat']} "
+            f"{_cell(v['sat_value'], v['sat_sd'], digits, spread)}, {nearest}: difference {difference}: "
+            f"{words[v['outcome']]}."
         )
+    d = verdict["d"]
+    if d["ratio"] is None:
+        lines.append("- (d) Training time: not available (a training time is missing).")
     else:
-        lines.append(f"- AUC: AMAT's {_fmt(a, ad)} is not {word} than every SAT's: {', '.join(losers)}.")
-    closest, c_auc = min(sat_auc, key=lambda mv: abs(mv[1] - a))
-    ca, cs = _number(amat["metrics"][metric][0]), _number(closest["metrics"][metric][0])
-    if ca is None or cs is None:
-        verdict = "not comparable"
-    elif ca == cs:
-        verdict = "equal"
-    else:
-        verdict = f"AMAT {'better' if better(ca, cs) else 'worse'} by {_fmt(abs(ca - cs), vd)}"
-    lines.append(
-        f"- Clean: AMAT {_fmt(ca, vd)} vs {closest['name']} {_fmt(cs, vd)}, the SAT with the AUC closest to AMAT's "
-        f"({_fmt(c_auc, ad)}): {verdict}."
-    )
-    return lines
+        per_sat = ", ".join(f"{name} {ratio:.2f}" for name, ratio in d["per_sat"].items())
+        amat_time, sat_time, n = d["amat_seconds"], d["sat_seconds_mean"], len(d["per_sat"])
+        digits = 0 if min(amat_time, sat_time) >= 10 else 1
+        lines.append(
+            f"- (d) Training time: AMAT {amat_time:.{digits}f} s, SAT {sat_time:.{digits}f} s on average over {n} "
+            f"model{'s' if n > 1 else ''}: AMAT / SAT = {d['ratio']:.2f} ({per_sat})."
+        )
+    return [*lines, ""]
 
 
 def comparison_markdown(comparison: Mapping[str, Any]) -> str:
-    """The paper-style tables of a comparison: one per metric, rows models, columns clean, each eps, AUC, time.
+    """The paper-style tables of a comparison, then the "Claims verdict" section on the main metric.
 
-    Under each table, a line says whether AMAT's AUC beats every SAT model's (lower is better for metrics named
-    like errors: ``mre``, ``error``, ``loss``, ``distance``, ``hausdorff``) and compares AMAT's clean value with
-    that of the SAT model whose AUC is closest to AMAT's; a last line compares training times.
+    One table per metric: rows models, columns clean, each eps, AUC, training time; with several seeds every cell
+    is ``mean ± sd`` over the seeds. The verdict is :py:func:`claims_verdict`'s (``comparison["verdict"]``).
 
     Args:
         comparison: the content of ``comparison.json``.
@@ -659,6 +967,8 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     """
     eps = [float(e) for e in comparison["eps"]]
     models = comparison["models"]
+    seeds = list(comparison.get("seeds") or [])
+    spread = len(seeds) > 1
     metrics = list(dict.fromkeys(k for m in models for k in m["metrics"]))
     unit, scale = _time_unit([m.get("train_seconds") for m in models])
     longest = max((m["train_seconds"] / scale for m in models if m.get("train_seconds") is not None), default=0.0)
@@ -673,8 +983,13 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
             f"evaluation attack: {attack.get('name', 'PGD')} {str(attack.get('norm', '')).upper()}, "
             f"{attack.get('steps')} steps, alpha {attack.get('alpha')}"
         )
-    described.append(f"eps {', '.join(_eps_label(e) for e in eps)}")
+    scaled = f" (paper units; x{_show(comparison['eps_scale'])} applied)" if "eps_scale" in comparison else ""
+    described.append(f"eps {', '.join(_eps_label(e) for e in eps)}{scaled}")
     lines.append("; ".join(described) + ".")
+    if spread:
+        lines.append(f"Seeds: {', '.join(map(str, seeds))}; every cell is the mean ± the sample sd over the seeds.")
+    elif seeds:
+        lines.append(f"Seed: {seeds[0]}.")
     settings = comparison.get("settings")
     if settings:
         shown = {k: v for k, v in settings.items() if k != "overrides" and v is not None}
@@ -687,33 +1002,81 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
         "(data loading and per-epoch validation included).",
         "",
     ]
+    digits = {}
     for metric in metrics:
         direction = "lower is better" if _lower_is_better(metric) else "higher is better"
         lines += [f"## {metric} ({direction})", ""]
         vd = _digits([v for m in models for v in m["metrics"].get(metric, [])])
         ad = _digits([m["auc"].get(metric) for m in models])
+        digits[metric] = vd, ad
         lines.append("| model | " + " | ".join(columns) + f" | AUC | training time ({unit}) |")
         lines.append("|---|" + "---:|" * (len(columns) + 2))
         for m in models:
             values = m["metrics"].get(metric, [None] * len(eps))
-            t = m.get("train_seconds")
-            time_text = "n/a" if t is None else f"{t / scale:.{time_digits}f}"
-            cells = [_fmt(v, vd) for v in values] + [_fmt(m["auc"].get(metric), ad), time_text]
+            sds = (m.get("metrics_sd") or {}).get(metric, [None] * len(eps))
+            t, t_sd = m.get("train_seconds"), m.get("train_seconds_sd")
+            time_text = "n/a" if t is None else _cell(t / scale, (t_sd or 0.0) / scale, time_digits, spread)
+            cells = [_cell(v, sd, vd, spread) for v, sd in zip(values, sds)]
+            cells += [_cell(m["auc"].get(metric), (m.get("auc_sd") or {}).get(metric), ad, spread), time_text]
             lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
         lines.append("")
-        claims = _claims(metric, models, vd, ad)
-        if claims:
-            lines += [*claims, ""]
-    amat = next((m for m in models if m["name"] == "AMAT"), None)
-    sat_times = [m["train_seconds"] for m in models if m["name"].startswith("SAT") and m.get("train_seconds")]
-    if amat and amat.get("train_seconds") and sat_times:
-        mean = sum(sat_times) / len(sat_times)
-        lines += [
-            f"Training time: AMAT {amat['train_seconds']:.0f} s, SAT {mean:.0f} s on average over {len(sat_times)} "
-            f"models: AMAT / SAT = {amat['train_seconds'] / mean:.2f}.",
-            "",
-        ]
+    verdict = comparison["verdict"] if "verdict" in comparison else claims_verdict(models)
+    clean_digits, auc_digits = digits.get(verdict["metric"], (3, 3)) if verdict else (3, 3)
+    lines += _verdict_lines(verdict, seeds, clean_digits, auc_digits)
     return "\n".join(lines)
+
+
+def _plot_comparison(
+    path: str | os.PathLike, eps: Sequence[float], models: Sequence[Mapping[str, Any]], eps_scale: Any, title: str
+) -> None:
+    """Write ``comparison.png`` atomically: metric-vs-eps panels and the clean-vs-AUC trade-off panel.
+
+    Per metric, the means vs eps with sd error bars, one line per model; then the main metric's clean value vs its
+    AUC, one point per model with sd error bars both ways.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def floats(values: Sequence[Any]) -> list[float]:
+        return [math.nan if v is None else float(v) for v in values]
+
+    metrics = list(dict.fromkeys(k for m in models for k in m["metrics"]))
+    main = _main_metric(models)
+    panels = len(metrics) + (main is not None)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.5), squeeze=False)
+    eps_axis = "eps" if eps_scale is None else f"eps (paper units; x{_show(eps_scale)} applied)"
+    for ax, metric in zip(axes[0], metrics):
+        for m in models:
+            if metric in m["metrics"]:
+                sds = (m.get("metrics_sd") or {}).get(metric)
+                ax.errorbar(
+                    eps,
+                    floats(m["metrics"][metric]),
+                    yerr=None if sds is None else floats(sds),
+                    marker="o",
+                    capsize=3,
+                    label=m["name"],
+                )
+        ax.set_xlabel(eps_axis)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if main is not None:
+        ax = axes[0][len(metrics)]
+        for scores in filter(None, (_scores(m, main) for m in models)):
+            ax.errorbar([scores.clean], [scores.auc], xerr=[scores.clean_sd], yerr=[scores.auc_sd], fmt="o", capsize=3)
+            ax.annotate(scores.name, (scores.clean, scores.auc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"clean {main}")
+        ax.set_ylabel(f"AUC of {main}")
+        ax.set_title("trade-off: clean vs robust")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
 
 
 def write_comparison(
@@ -729,34 +1092,38 @@ def write_comparison(
         output_dir: the comparison folder.
         bundle: the bundle name.
         eps: the evaluation noise levels.
-        models: entries as :py:func:`load_model_result` returns them (at least ``name``, ``metrics``, ``auc``,
-            ``train_seconds``), in table order.
+        models: entries as :py:func:`combine_seeds` returns them (or, for one run, as :py:func:`load_model_result`
+            does: sds count as 0), at least ``name``, ``metrics``, ``auc``, ``train_seconds``, in table order.
         settings: the resolved settings and overrides, stored and shown.
 
     Returns:
-        The content of ``comparison.json``: ``{"bundle", "eps", "models": [{"name", "metrics", "auc",
-        "train_seconds", ...}], "settings"}``.
+        The content of ``comparison.json``: ``{"bundle", "eps", "seeds", "models": [{"name", "metrics", "auc",
+        "train_seconds", ...}], "verdict", "settings"}``; ``"seeds"`` gathers the models' seeds, ``"eps_scale"`` is
+        added when the models have one, ``"verdict"`` is :py:func:`claims_verdict`'s result.
 
     Raises:
-        ValueError: when a model's metric lists do not have one value per eps.
+        ValueError: when a model's metric lists do not have one value per eps, or models have different
+            ``eps_scale`` values.
     """
-    from monai_amat.handlers.robustness_report import plot_robustness
-
     eps = list(eps)
     for m in models:
         for metric, values in m["metrics"].items():
             if len(values) != len(eps):
                 raise ValueError(f"{m['name']}: {metric} has {len(values)} values for {len(eps)} eps.")
-    comparison: dict[str, Any] = {"bundle": bundle, "eps": eps, "models": [dict(m) for m in models]}
+    eps_scale = _common_eps_scale(models, "the models")
+    comparison: dict[str, Any] = {"bundle": bundle, "eps": eps}
+    if eps_scale is not None:
+        comparison["eps_scale"] = eps_scale
+    comparison["seeds"] = list(dict.fromkeys(s for m in models for s in m.get("seeds", [])))
+    comparison["models"] = [dict(m) for m in models]
+    comparison["verdict"] = claims_verdict(models)
     if settings is not None:
         comparison["settings"] = _jsonable(dict(settings))
     output_dir = Path(output_dir)
     write_json(output_dir / "comparison.json", comparison)
     with atomic_write(output_dir / "comparison.md") as f:
         f.write(comparison_markdown(comparison))
-    plot_robustness(
-        output_dir / "comparison.png", eps, {m["name"]: m["metrics"] for m in models}, title=f"{bundle}: metric vs eps"
-    )
+    _plot_comparison(output_dir / "comparison.png", eps, models, eps_scale, f"{bundle}: metric vs eps")
     return comparison
 
 
@@ -769,10 +1136,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m monai_amat.compare",
         usage="%(prog)s --bundle BUNDLE --output_dir DIR [--epochs N] [--attack_steps K] [--data_source SOURCE] "
-        '[--dataset_dir DATASET_DIR] [--sat_eps "[...]"] [--in_process] [--KEY VALUE ...]',
+        '[--dataset_dir DATASET_DIR] [--sat_eps "[...]"] [--seeds "[...]"] [--in_process] [--KEY VALUE ...]',
         description="STD training, calibration of the criterion from that model, AMAT training, SAT training at each "
         "SAT level, then robust evaluation of every model at the bundle's eps_list; writes comparison.json, "
-        "comparison.md and comparison.png in DIR and keeps each run folder there (std/, amat/, sat_<eps>/). "
+        "comparison.md and comparison.png in DIR and keeps each run folder there (std/, amat/, sat_<eps>/; with "
+        "--seeds, std_s<seed>/, amat_s<seed>/, sat_<eps>_s<seed>/). "
         "Repeating the command skips the stages that finished and resumes an interrupted training.",
         epilog="Any other --KEY VALUE (a Python literal, else a string) is a config override given to every run, e.g. "
         '--spatial_size "[64, 64]" --embedded_cases 8. Example: python -m monai_amat.compare --bundle '
@@ -802,6 +1170,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_sat_eps,
         metavar='"[EPS, ...]"',
         help='SAT levels, e.g. "[1, 5, 10]" (default: the bundle\'s sat_eps_list)',
+    )
+    parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        metavar='"[SEED, ...]"',
+        help='train and evaluate every model once per seed (the bundle key seed), e.g. "[0, 1, 2]"; the comparison '
+        "shows means and sample sds over the seeds (default: one run with the bundle's seed)",
     )
     parser.add_argument(
         "--in_process",
@@ -858,7 +1233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"argument --{key}: given twice")
         overrides[key] = value
     try:
-        comparison = Comparison(args.bundle, args.output_dir, overrides, args.sat_eps, in_process=args.in_process)
+        comparison = Comparison(
+            args.bundle, args.output_dir, overrides, args.sat_eps, in_process=args.in_process, seeds=args.seeds
+        )
     except CompareError as e:
         parser.error(str(e))
     try:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_amat.compare import load_model_result, main, write_comparison
+from monai_amat.compare import claims_verdict, load_model_result, main, write_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "msd_hippocampus_seg_amat"
@@ -64,14 +65,18 @@ def test_compare_runs_skips_resumes_and_reevaluates(tmp_path, capsys, one_thread
 
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["bundle"] == "msd_hippocampus_seg_amat" and comparison["eps"] == eps
+    assert comparison["seeds"] == [0] and comparison["verdict"]["metric"] == "dice_mean"
     assert [m["name"] for m in comparison["models"]] == ["STD", "AMAT", "SAT-1", "SAT-4"]
     for m in comparison["models"]:
         assert set(m["metrics"]) == {"dice_mean", "dice_total"} == set(m["auc"])
         assert all(len(v) == len(eps) for v in m["metrics"].values())
         assert m["train_seconds"] > 0
+        assert m["seeds"] == [0] and m["metrics_sd"]["dice_mean"] == [0.0] * len(eps) and m["auc_sd"]["dice_mean"] == 0
+        assert m["per_seed"][0]["metrics"] == m["metrics"] and m["run_dir"] == m["per_seed"][0]["run_dir"]
     md = (out / "comparison.md").read_text()
     assert "## dice_mean (higher is better)" in md and "| model | clean | eps 2 | eps 6 | eps 10 | AUC |" in md
-    assert all(f"| {n} |" in md for n in ("STD", "AMAT", "SAT-1", "SAT-4")) and "AUC: AMAT's" in md
+    assert all(f"| {n} |" in md for n in ("STD", "AMAT", "SAT-1", "SAT-4")) and "## Claims verdict" in md
+    assert "Seed: 0." in md and "±" not in md
     assert (out / "comparison.png").read_bytes()[:8] == PNG
 
     # the overrides reached every run: network width, epochs, attack steps, SAT level, data folder, thresholds
@@ -130,12 +135,104 @@ def test_compare_runs_skips_resumes_and_reevaluates(tmp_path, capsys, one_thread
     assert (out / "sat_4" / "robustness.json").is_file()
 
 
-def robustness(eps, metrics, steps=100):
+def test_compare_with_seeds(tmp_path, capsys, one_thread):
+    out = tmp_path / "cmp"
+    args = tiny_args(tmp_path, out, "--in_process", "--sat_eps", "[2]", "--seeds", "[0, 1]")
+    assert main(args) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["seeds"] == [0, 1] and [m["name"] for m in comparison["models"]] == ["STD", "AMAT", "SAT-2"]
+    assert not (out / "std").exists() and not (out / "thresholds.json").exists()
+    for seed in (0, 1):
+        calibration = json.loads((out / f"compare_calibrate_s{seed}.json").read_text())
+        assert calibration["finished"] and calibration["settings"]["seed"] == seed
+        assert json.loads((out / f"thresholds_s{seed}.json").read_text())["model"] == str(
+            out / f"std_s{seed}" / "model.pt"
+        )
+        amat_args = json.loads((out / f"amat_s{seed}" / "compare_train_args.json").read_text())
+        assert amat_args["seed"] == seed and amat_args["thresholds_file"] == str(out / f"thresholds_s{seed}.json")
+        assert "data_seed" not in amat_args
+        assert json.loads((out / f"sat_2_s{seed}" / "compare_train.json").read_text())["settings"]["seed"] == seed
+    for m, folder in zip(comparison["models"], ("std", "amat", "sat_2")):
+        runs = [json.loads((out / f"{folder}_s{seed}" / "robustness.json").read_text()) for seed in (0, 1)]
+        assert [r["seed"] for r in m["per_seed"]] == m["seeds"] == [0, 1] and "run_dir" not in m
+        assert [r["metrics"] for r in m["per_seed"]] == [r["metrics"] for r in runs]
+        for metric, mean in m["metrics"].items():
+            pairs = list(zip(*(r["metrics"][metric] for r in runs)))
+            assert mean == pytest.approx([statistics.mean(p) for p in pairs])
+            assert m["metrics_sd"][metric] == pytest.approx([statistics.stdev(p) for p in pairs])
+        assert m["auc"]["dice_mean"] == pytest.approx(statistics.mean(r["auc"]["dice_mean"] for r in runs))
+        assert m["auc_sd"]["dice_mean"] == pytest.approx(statistics.stdev(r["auc"]["dice_mean"] for r in runs))
+        times = [r["train_seconds"] for r in m["per_seed"]]
+        assert m["train_seconds"] == pytest.approx(statistics.mean(times)) and m["train_seconds_sd"] > 0
+    assert comparison["models"][0]["per_seed"][0]["metrics"] != comparison["models"][0]["per_seed"][1]["metrics"]
+    md = (out / "comparison.md").read_text()
+    assert "Seeds: 0, 1; every cell is the mean ± the sample sd over the seeds." in md
+    assert "| AMAT | " in md and md.split("| AMAT | ")[1].split("\n")[0].count(" ± ") == 6  # 4 eps, AUC, time
+    assert "means over seeds 0, 1 with their sample sds" in md and "difference " in md
+    assert (out / "comparison.png").read_bytes()[:8] == PNG
+
+    # the same command again: all 7 stages of both seeds are skipped, the per-seed calibrations included
+    before = run_files(out)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2 * 7 and run_files(out) == before
+
+
+def scored(name, clean, auc, clean_sd=0.0, auc_sd=0.0, seconds=10.0, metric="dice_mean"):
+    """A hand-made comparison entry: clean value and AUC of one metric, with their sds over seeds."""
+    return {
+        "name": name,
+        "metrics": {metric: [clean, clean / 2]},
+        "auc": {metric: auc},
+        "metrics_sd": {metric: [clean_sd, 0.0]},
+        "auc_sd": {metric: auc_sd},
+        "train_seconds": seconds,
+    }
+
+
+def test_claims_verdict_uses_combined_sd_and_direction():
+    amat = scored("AMAT", 0.80, 1.00, 0.01, 0.02, seconds=30.0)
+    # SAT-4 beats AMAT on both by more than the combined sd (0.014 clean, 0.028 AUC); SAT-1 only within it
+    models = [scored("STD", 0.95, 0.5), amat, scored("SAT-1", 0.81, 1.02, 0.01, 0.02), scored("SAT-4", 0.9, 1.2)]
+    verdict = claims_verdict(models)
+    assert verdict["metric"] == "dice_mean" and verdict["lower_is_better"] is False
+    assert verdict["a"]["holds"] is False and verdict["a"]["sats_beating_amat"] == ["SAT-4"]
+    b = verdict["b"]  # the SAT with the clean value nearest AMAT's is SAT-1: AUCs within the combined sd
+    assert (b["sat"], b["quantity"], b["outcome"]) == ("SAT-1", "auc", "within sd")
+    assert b["difference"] == pytest.approx(-0.02) and b["combined_sd"] == pytest.approx(0.02 * 2**0.5)
+    assert verdict["c"]["sat"] == "SAT-1" and verdict["c"]["outcome"] == "within sd"
+    assert verdict["d"] == {
+        "amat_seconds": 30.0,
+        "sat_seconds_mean": 10.0,
+        "ratio": 3.0,
+        "per_sat": {"SAT-1": 3.0, "SAT-4": 3.0},
+    }
+    json.dumps(verdict)  # plain values only
+
+    # within the combined sd on both: the claim holds; the same gap with sd 0 is a clear win for SAT
+    assert claims_verdict([amat, scored("SAT-1", 0.81, 1.02, 0.01, 0.02)])["a"]["holds"] is True
+    assert claims_verdict([amat, scored("SAT-1", 0.805, 1.01)])["a"]["holds"] is True  # AMAT's sd counts too
+    assert claims_verdict([scored("AMAT", 0.8, 1.0), scored("SAT-1", 0.805, 1.01)])["a"]["holds"] is False
+
+    # lower is better for errors: a SAT with lower clean error and lower AUC beats AMAT; higher values do not
+    mre = [scored("AMAT", 2.0, 5.0, 0.1, 0.1, metric="mre_mm"), scored("SAT-3", 1.5, 4.0, 0.1, 0.1, metric="mre_mm")]
+    verdict = claims_verdict(mre)
+    assert verdict["lower_is_better"] is True and verdict["a"]["sats_beating_amat"] == ["SAT-3"]
+    assert verdict["b"]["outcome"] == "worse" and verdict["c"]["outcome"] == "worse"
+    mre[1] = scored("SAT-3", 2.5, 6.0, 0.1, 0.1, metric="mre_mm")
+    verdict = claims_verdict(mre)
+    assert verdict["a"]["holds"] is True and verdict["b"]["outcome"] == verdict["c"]["outcome"] == "better"
+
+    assert claims_verdict([amat, scored("STD", 0.9, 1.0)]) is None  # no SAT model
+
+
+def robustness(eps, metrics, steps=100, **extra):
     return {
         "task": "landmarks",
         "attack": {"name": "PGD", "norm": "l2", "steps": steps, "alpha": 5.0, "random_start": False},
         "eps": eps,
         "metrics": metrics,
+        **extra,
     }
 
 
@@ -150,7 +247,8 @@ def test_tables_and_plot_from_robustness_files(tmp_path):
     results = []
     for folder, (name, metrics, seconds) in models.items():
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "robustness.json").write_text(json.dumps(robustness(eps, metrics)))
+        scale = {} if folder == "std" else {"eps_scale": 0.25}  # an older file without eps_scale beside newer ones
+        (tmp_path / folder / "robustness.json").write_text(json.dumps(robustness(eps, metrics, **scale)))
         record = {"finished": True, "train_seconds": seconds, "settings": {}}
         (tmp_path / folder / "compare_train.json").write_text(json.dumps(record))
         results.append(load_model_result(tmp_path / folder, name))
@@ -159,23 +257,29 @@ def test_tables_and_plot_from_robustness_files(tmp_path):
     comparison = write_comparison(tmp_path, "toy_bundle", eps, results, settings={"epochs": 3, "overrides": {}})
     assert json.loads((tmp_path / "comparison.json").read_text()) == comparison
     assert [m["train_seconds"] for m in comparison["models"]] == [10.0, 40.0, 36.0, 44.0]
+    assert comparison["eps_scale"] == 0.25 and comparison["seeds"] == []
     md = (tmp_path / "comparison.md").read_text()
-    assert "evaluation attack: PGD L2, 100 steps, alpha 5.0; eps 0, 1, 2." in md and "Settings: epochs 3." in md
+    assert "evaluation attack: PGD L2, 100 steps, alpha 5.0; eps 0, 1, 2 (paper units; x0.25 applied)." in md
+    assert "Settings: epochs 3." in md and "±" not in md
     assert "## sdr_2mm (higher is better)" in md and "## mre_mm (lower is better)" in md
     assert "| model | clean | eps 1 | eps 2 | AUC | training time (s) |" in md
     assert "| AMAT | 0.800 | 0.600 | 0.400 | 1.200 | 40 |" in md
-    # sdr AUCs: AMAT 1.2, SAT-1 1.025, SAT-5 0.9 -> AMAT beats both; closest is SAT-1 (clean 0.85 vs 0.80)
-    assert "- AUC: AMAT's 1.200 is higher than every SAT's (best SAT: SAT-1 1.025): yes." in md
-    closest = "the SAT with the AUC closest to AMAT's"
-    assert f"- Clean: AMAT 0.800 vs SAT-1 0.850, {closest} (1.025): AMAT worse by 0.050." in md
-    # mre AUCs: AMAT 4.1, SAT-1 5.05, SAT-5 4.0 -> SAT-5 is lower; closest is SAT-5 (clean 2.0 vs 1.2, lower wins)
-    assert "- AUC: AMAT's 4.100 is not lower than every SAT's: SAT-5 4.000." in md
-    assert f"- Clean: AMAT 1.200 vs SAT-5 2.000, {closest} (4.000): AMAT better by 0.800." in md
-    assert "Training time: AMAT 40 s, SAT 40 s on average over 2 models: AMAT / SAT = 1.00." in md
+    # the verdict is on the first metric, sdr_2mm: AUCs AMAT 1.2, SAT-1 1.025, SAT-5 0.9; clean 0.8, 0.85, 0.5
+    assert comparison["verdict"]["metric"] == "sdr_2mm" and comparison["verdict"]["a"]["holds"] is True
+    assert "## Claims verdict" in md and "Main metric sdr_2mm (higher is better; its AUC too), one seed;" in md
+    assert "- (a) No SAT beats AMAT on both clean sdr_2mm and AUC by more than their combined sd: holds." in md
+    nearest = "the SAT with the clean sdr_2mm nearest AMAT's"
+    assert f"- (b) AUC: AMAT 1.200 vs SAT-1 1.025, {nearest}: difference +0.175: AMAT better." in md
+    nearest = "the SAT with the AUC nearest AMAT's"
+    assert f"- (c) Clean sdr_2mm: AMAT 0.800 vs SAT-1 0.850, {nearest}: difference -0.050: AMAT worse." in md
+    ratios = "AMAT / SAT = 1.00 (SAT-1 1.11, SAT-5 0.91)."
+    assert f"- (d) Training time: AMAT 40 s, SAT 40 s on average over 2 models: {ratios}" in md
     assert (tmp_path / "comparison.png").read_bytes()[:8] == PNG
 
     with pytest.raises(ValueError, match="STD: sdr_2mm has 3 values for 2 eps"):
         write_comparison(tmp_path, "toy_bundle", [0, 1], results)
+    with pytest.raises(ValueError, match="different eps_scale values"):
+        write_comparison(tmp_path, "toy_bundle", eps, [*results, {**results[1], "name": "X", "eps_scale": 0.5}])
 
 
 @pytest.mark.parametrize(
@@ -190,6 +294,11 @@ def test_tables_and_plot_from_robustness_files(tmp_path):
         (["--epoch", "1"], "argument --epoch: not a config key of bundle msd_hippocampus_seg_amat"),
         (["--resume", "True"], "argument --resume: the comparison runner sets it itself"),
         (["--eps_list", "[0, 5, 2]"], "'eps_list'"),
+        (["--seeds", "[0, -1]"], "argument --seeds: expected a list of distinct integers >= 0"),
+        (["--seeds", "[0, 0]"], "argument --seeds: expected a list of distinct integers >= 0"),
+        (["--seeds", "[1.5]"], "argument --seeds: expected a list of distinct integers >= 0"),
+        (["--seeds", "3"], "argument --seeds: expected a list of distinct integers >= 0"),
+        (["--seeds", "[0, 1]", "--seed", "2"], "argument --seeds: give the seeds with --seeds only"),
     ],
 )
 def test_argument_errors_name_the_argument(tmp_path, capsys, extra, message):
