@@ -19,7 +19,8 @@ def test_two_gloo_ranks_share_one_margin_table(tmp_path):
     """torchrun, 2 processes, the bundle's multi_gpu_train.json; a NaN loss on rank 1 at iteration 2 is skipped."""
     out = tmp_path / "amat"
     override = {
-        **tiny(tmp_path, epochs=2, batch_size=4, default_tau=0.15, skip_non_finite=True),
+        # a plain DistributedSampler (no foreground oversampling), whose split of the data set is checked below
+        **tiny(tmp_path, epochs=2, batch_size=4, default_tau=0.15, skip_non_finite=True, oversample_foreground=False),
         "output_dir": str(out),
         "train#dataset#data": f"$@data['train'][:{N}]",
         "train#margins#num_samples": N,
