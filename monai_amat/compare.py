@@ -75,7 +75,7 @@ RESERVED = {
     "sat_eps": "--sat_eps takes the list of SAT levels here",
 }
 # keys that only change the evaluation: changing them re-evaluates instead of refusing to retrain
-EVAL_ONLY_KEYS = ("eps_list", "attack_steps", "eval_alpha")
+EVAL_ONLY_KEYS = ("eps_list", "attack_steps", "eval_alpha", "eval_random_start")
 LOWER_IS_BETTER = ("mre", "error", "loss", "distance", "hausdorff")
 
 
