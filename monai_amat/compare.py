@@ -1029,54 +1029,21 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
 def _plot_comparison(
     path: str | os.PathLike, eps: Sequence[float], models: Sequence[Mapping[str, Any]], eps_scale: Any, title: str
 ) -> None:
-    """Write ``comparison.png`` atomically: metric-vs-eps panels and the clean-vs-AUC trade-off panel.
+    """Write ``comparison.png``: per metric the means vs eps with sd error bars, then the main metric's trade-off."""
+    from monai_amat.handlers.robustness_report import plot_robustness  # imported here: it loads torch and MONAI
 
-    Per metric, the means vs eps with sd error bars, one line per model; then the main metric's clean value vs its
-    AUC, one point per model with sd error bars both ways.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def floats(values: Sequence[Any]) -> list[float]:
-        return [math.nan if v is None else float(v) for v in values]
-
-    metrics = list(dict.fromkeys(k for m in models for k in m["metrics"]))
     main = _main_metric(models)
-    panels = len(metrics) + (main is not None)
-    fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.5), squeeze=False)
-    eps_axis = "eps" if eps_scale is None else f"eps (paper units; x{_show(eps_scale)} applied)"
-    for ax, metric in zip(axes[0], metrics):
-        for m in models:
-            if metric in m["metrics"]:
-                sds = (m.get("metrics_sd") or {}).get(metric)
-                ax.errorbar(
-                    eps,
-                    floats(m["metrics"][metric]),
-                    yerr=None if sds is None else floats(sds),
-                    marker="o",
-                    capsize=3,
-                    label=m["name"],
-                )
-        ax.set_xlabel(eps_axis)
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if main is not None:
-        ax = axes[0][len(metrics)]
-        for scores in filter(None, (_scores(m, main) for m in models)):
-            ax.errorbar([scores.clean], [scores.auc], xerr=[scores.clean_sd], yerr=[scores.auc_sd], fmt="o", capsize=3)
-            ax.annotate(scores.name, (scores.clean, scores.auc), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(f"clean {main}")
-        ax.set_ylabel(f"AUC of {main}")
-        ax.set_title("trade-off: clean vs robust")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    scores = [] if main is None else list(filter(None, (_scores(m, main) for m in models)))
+    plot_robustness(
+        path,
+        eps,
+        {m["name"]: m["metrics"] for m in models},
+        title=title,
+        eps_label="eps" if eps_scale is None else f"eps (paper units; x{_show(eps_scale)} applied)",
+        errors={m["name"]: m.get("metrics_sd") or {} for m in models},
+        tradeoff=None if main is None else {s.name: (s.clean, s.clean_sd, s.auc, s.auc_sd) for s in scores},
+        tradeoff_metric=main or "",
+    )
 
 
 def write_comparison(

@@ -73,9 +73,21 @@ def expected_margins(n, delta, max_margin, rows, epochs):
 
 
 def _amat(
-    tmp_path, n=8, epochs=3, delta=1.0, max_margin=math.inf, tau=0.75, steps=3, quantile=0.3, norm="batch", **kwargs
+    tmp_path,
+    n=8,
+    epochs=3,
+    delta=1.0,
+    max_margin=math.inf,
+    tau=0.75,
+    steps=3,
+    quantile=0.3,
+    norm="batch",
+    data=None,
+    criterion=None,
+    group_fn=None,
+    **kwargs,
 ):
-    data = synthetic_seg_data(n)
+    data = synthetic_seg_data(n) if data is None else data
     net = small_unet(norm=norm)
     loss = PerSampleDiceCELoss()
     if tau is None:  # pre-train, then put the Dice threshold at a low quantile of clean Dice: some fall, some hold
@@ -83,7 +95,7 @@ def _amat(
         pretrain(net, data, loss)
         with torch.no_grad():
             tau = float(DiceCriterion(0.0).dice(net.eval()(x), y).quantile(quantile))
-    handler = MarginHandler(n, delta=delta, max_margin=max_margin, output_dir=tmp_path)
+    handler = MarginHandler(n, delta=delta, max_margin=max_margin, output_dir=tmp_path, group_fn=group_fn)
     trainer = AMATTrainer(
         "cpu",
         epochs,
@@ -93,7 +105,7 @@ def _amat(
         loss,
         attack=PGD(loss, steps=steps),
         margin_handler=handler,
-        criterion=DiceCriterion(tau),
+        criterion=DiceCriterion(tau) if criterion is None else criterion,
         **kwargs,
     )
     return trainer, handler, net
@@ -132,19 +144,8 @@ def test_margin_diagnostics_of_a_run_with_known_outcome(tmp_path):
         item["label"] = np.zeros_like(item["label"])  # background-only slices
 
     def run(criterion):
-        net = small_unet()
-        loss = PerSampleDiceCELoss()
-        handler = MarginHandler(n, delta=delta, group_fn=label_has_foreground)
-        trainer = AMATTrainer(
-            "cpu",
-            epochs,
-            seg_loader(data, 4, shuffle=True),
-            net,
-            torch.optim.Adam(net.parameters(), 1e-3),
-            loss,
-            attack=PGD(loss, steps=2),
-            margin_handler=handler,
-            criterion=criterion,
+        trainer, handler, _ = _amat(
+            tmp_path, n, epochs, delta, data=data, criterion=criterion, steps=2, group_fn=label_has_foreground
         )
         trainer.run()
         return trainer.state.metrics, handler.margins

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,31 +40,52 @@ def plot_robustness(
     curves: Mapping[str, Mapping[str, Sequence[float]]],
     title: str = "",
     eps_label: str = "eps",
+    errors: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    tradeoff: Mapping[str, tuple[float, float, float, float]] | None = None,
+    tradeoff_metric: str = "",
 ) -> None:
     """Plot metric-vs-eps curves, one panel per metric, one line per model; written atomically as PNG.
 
     Args:
         path: the PNG file.
         eps: noise levels.
-        curves: ``{model: {metric: [value per eps]}}``.
+        curves: ``{model: {metric: [value per eps]}}``; None values are left out of a line.
         title: figure title.
         eps_label: the x-axis label.
+        errors: ``{model: {metric: [sd per eps]}}``, drawn as error bars; None draws none.
+        tradeoff: ``{model: (clean, clean sd, AUC, AUC sd)}`` of ``tradeoff_metric``: adds a panel with one point
+            per model (clean value vs AUC, error bars both ways); None adds none.
+        tradeoff_metric: the metric of the trade-off panel.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def floats(values: Sequence[Any] | None) -> list[float] | None:
+        return None if values is None else [math.nan if v is None else float(v) for v in values]
+
     metrics = list(dict.fromkeys(m for c in curves.values() for m in c))
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 3.5), squeeze=False)
+    panels = max(len(metrics) + (tradeoff is not None), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for model, c in curves.items():
             if metric in c:
-                ax.plot(eps, c[metric], marker="o", label=model)
+                sd = floats(((errors or {}).get(model) or {}).get(metric))
+                ax.errorbar(eps, floats(c[metric]), yerr=sd, marker="o", capsize=3, label=model)
         ax.set_xlabel(eps_label)
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if tradeoff is not None:
+        ax = axes[0][len(metrics)]
+        for model, (clean, clean_sd, auc, auc_sd) in tradeoff.items():
+            ax.errorbar([clean], [auc], xerr=[clean_sd], yerr=[auc_sd], fmt="o", capsize=3)
+            ax.annotate(model, (clean, auc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"clean {tradeoff_metric}")
+        ax.set_ylabel(f"AUC of {tradeoff_metric}")
+        ax.set_title("trade-off: clean vs robust")
+        ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
