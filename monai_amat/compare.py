@@ -1006,9 +1006,9 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     for metric in metrics:
         direction = "lower is better" if _lower_is_better(metric) else "higher is better"
         lines += [f"## {metric} ({direction})", ""]
-        vd = _digits([v for m in models for v in m["metrics"].get(metric, [])])
-        ad = _digits([m["auc"].get(metric) for m in models])
-        digits[metric] = vd, ad
+        value_digits = _digits([v for m in models for v in m["metrics"].get(metric, [])])
+        auc_digits = _digits([m["auc"].get(metric) for m in models])
+        digits[metric] = value_digits, auc_digits
         lines.append("| model | " + " | ".join(columns) + f" | AUC | training time ({unit}) |")
         lines.append("|---|" + "---:|" * (len(columns) + 2))
         for m in models:
@@ -1016,8 +1016,8 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
             sds = (m.get("metrics_sd") or {}).get(metric, [None] * len(eps))
             t, t_sd = m.get("train_seconds"), m.get("train_seconds_sd")
             time_text = "n/a" if t is None else _cell(t / scale, (t_sd or 0.0) / scale, time_digits, spread)
-            cells = [_cell(v, sd, vd, spread) for v, sd in zip(values, sds)]
-            cells += [_cell(m["auc"].get(metric), (m.get("auc_sd") or {}).get(metric), ad, spread), time_text]
+            cells = [_cell(v, sd, value_digits, spread) for v, sd in zip(values, sds)]
+            cells += [_cell(m["auc"].get(metric), (m.get("auc_sd") or {}).get(metric), auc_digits, spread), time_text]
             lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
         lines.append("")
     verdict = comparison["verdict"] if "verdict" in comparison else claims_verdict(models)

@@ -164,3 +164,26 @@ def test_channel_argmax_matches_torch():
     logits = torch.randn(3, 4, 5, 6)
     logits[0, 2] = logits[0, 1]  # ties go to the first maximum, as torch.argmax
     assert torch.equal(channel_argmax(logits), logits.argmax(1))
+
+
+def test_calibration_handler_takes_the_mean_dice_over_slices_holding_every_class(tmp_path):
+    from ignite.engine import Engine
+
+    from monai_amat.handlers import CalibrationHandler
+
+    label = torch.zeros(4, 1, 4, 4, dtype=torch.long)
+    label[:, 0, 0, :2] = 1
+    label[:, 0, 3, :2] = 2
+    label[2, 0, 3, :2] = 0  # slice 2 lacks class 2: skipped
+    label[3] = 0  # slice 3 has no foreground: skipped
+    pred = label[:, 0].clone()
+    pred[0, 0, 1] = 0  # slice 0: class 1 Dice 2/3, class 2 Dice 1 -> mean 5/6
+    pred[1, 1, 1] = 2  # slice 1: class 1 Dice 1, class 2 Dice 4/5 -> mean 9/10
+    batches = [{"pred": _logits(pred, 3), "label": label}]
+    handler = CalibrationHandler(tmp_path / "thresholds.json", mode="dice", model="std.pt", split="val")
+    engine = Engine(lambda e, batch: batch)
+    handler.attach(engine)
+    engine.run(batches, max_epochs=1)
+    data = load_thresholds(tmp_path / "thresholds.json")
+    assert data["thresholds"]["tau"] == pytest.approx((5 / 6 + 9 / 10) / 2, abs=1e-6)
+    assert data["split"] == "val" and data["samples"] == 4 and data["criterion"] == "dice" and data["z"] is None
