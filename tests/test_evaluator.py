@@ -51,7 +51,8 @@ def test_robust_evaluator_metrics_per_eps_and_report(trained, tmp_path):
     assert dice[0] > dice[1] > dice[2]
 
     written = json.loads((tmp_path / "robustness.json").read_text())
-    assert set(written) == {"task", "attack", "eps", "metrics", "auc"}
+    assert set(written) == {"task", "attack", "eps", "eps_scale", "metrics", "auc"}
+    assert written["eps_scale"] == 1.0
     assert written["eps"] == [0.0, 1.0, 4.0] and written["metrics"]["mean_dice"] == pytest.approx(dice)
     assert written["attack"]["norm"] == "l2" and written["attack"]["steps"] == 5
     expected_auc = (dice[0] + dice[1]) / 2 * 1.0 + (dice[1] + dice[2]) / 2 * 3.0
