@@ -1,11 +1,14 @@
-"""Projected gradient descent (PGD) that ascends any per-sample task loss.
+"""Gradient attacks (PGD, Auto-PGD) that ascend any per-sample task loss.
 
-The attack is task-agnostic: a task contributes a per-sample loss ``loss_fn(pred, target) -> Tensor[B]`` and,
+The attacks are task-agnostic: a task contributes a per-sample loss ``loss_fn(pred, target) -> Tensor[B]`` and,
 optionally, a criterion ``criterion(pred, target) -> BoolTensor[B]`` that says which samples are still "correct".
+A loss with a ``set_progress(fraction)`` method (e.g. :py:class:`monai_amat.losses.SegPGDLoss`) is told, before
+every gradient evaluation, how far the attack has gone (0 at the start, towards 1 at the last step).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ import torch
 from monai.utils import convert_to_dst_type
 from torch import nn
 
-__all__ = ["PGD", "AttackResult", "per_sample_norm", "check_per_sample", "map_tensors", "to_float32"]
+__all__ = ["PGD", "APGD", "AttackResult", "per_sample_norm", "check_per_sample", "map_tensors", "to_float32"]
 
 NORMS = ("l2", "linf")
 # normalisation layers whose running statistics must not move while an attack runs the network in train mode
@@ -247,6 +250,7 @@ class PGD:
             step_size = _view(self.alpha * eps_t / self.steps, x)
             start_wrong = found
             for step in range(self.steps):
+                self._set_progress(step / self.steps)
                 adv.requires_grad_(True)
                 pred = to_float32(forward(adv))
                 loss = check_per_sample(self.loss_fn(pred, targets), batch)
@@ -278,6 +282,26 @@ class PGD:
             boundary_norm=torch.where(found, boundary, noise_norm),
             start_wrong=start_wrong,
         )
+
+    def _set_progress(self, fraction: float) -> None:
+        setter = getattr(self.loss_fn, "set_progress", None)
+        if setter is not None:
+            setter(fraction)
+
+    def describe(self) -> dict[str, Any]:
+        """The attack's settings, as reports record them.
+
+        Returns:
+            ``{"name", "norm", "steps", "alpha", "random_start", "value_range"}`` (and what a subclass adds).
+        """
+        return {
+            "name": type(self).__name__,
+            "norm": self.norm,
+            "steps": self.steps,
+            "alpha": self.alpha,
+            "random_start": self.random_start,
+            "value_range": self.value_range,
+        }
 
     def _per_sample(self, value: float | torch.Tensor, batch: int, x: torch.Tensor, name: str) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float32, device=x.device).detach()
@@ -391,3 +415,196 @@ class PGD:
                 m.training = mode
             for p, flag in flags:
                 p.requires_grad_(flag)
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations at which Auto-PGD checks its progress (Croce & Hein 2020, section 3.2).
+
+    The paper's ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` in whole
+    iterations, as the authors' code counts them: the first period is ``int(0.22 * steps)``, each next one
+    ``int(0.03 * steps)`` shorter, down to ``int(0.06 * steps)`` (each at least 1).
+
+    Args:
+        steps: the number of iterations.
+
+    Returns:
+        The ascending checkpoints in ``[1, steps]``.
+    """
+    period, shrink, shortest = (max(int(f * steps), 1) for f in (0.22, 0.03, 0.06))
+    points = [period]
+    while points[-1] + max(period - shrink, shortest) <= steps:
+        period = max(period - shrink, shortest)
+        points.append(points[-1] + period)
+    return [p for p in points if p <= steps]
+
+
+class APGD(PGD):
+    """Auto-PGD (Croce & Hein 2020) on a per-sample loss, with one ``eps`` per sample.
+
+    Same contract as :py:class:`PGD`; the step size is adapted per sample instead of fixed: it starts at
+    ``2 * eps``, steps use momentum ``0.75``, and at the checkpoints of :py:func:`apgd_checkpoints` a sample whose
+    loss increased in fewer than ``rho`` of the steps since the last checkpoint, or whose step size and best loss
+    both stayed the same, has its step size halved and restarts from its best point. The result is every sample's
+    best (highest-loss) iterate over all restarts; restarts after the first start at random in the eps-ball.
+    ``steps`` gradient evaluations cost as many forward and backward passes as ``PGD`` with the same ``steps``,
+    plus one forward pass for the loss of the last iterate.
+
+    Args:
+        loss_fn: ``loss_fn(pred, target) -> Tensor[B]``, one loss value per sample.
+        norm: ``"l2"`` or ``"linf"``.
+        steps: number of iterations per restart.
+        rho: fraction of increasing steps below which the step size is halved at a checkpoint.
+        random_start: start the first restart from a random point of the eps-ball instead of the clean input.
+        value_range: ``(lo, hi)`` to clamp adversarial values to; None (default) does not clamp.
+        restarts: number of runs; each sample keeps its best iterate over all of them.
+        train_mode: run the network in train mode with frozen normalisation layers (see :py:class:`PGD`).
+
+    Raises:
+        ValueError: for an unknown ``norm``, ``steps < 1``, ``rho`` outside ``(0, 1]`` or ``restarts < 1``.
+    """
+
+    momentum = 0.75
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        norm: str = "l2",
+        steps: int = 100,
+        rho: float = 0.75,
+        random_start: bool = True,
+        value_range: Sequence[float] | None = None,
+        restarts: int = 1,
+        train_mode: bool = False,
+    ) -> None:
+        super().__init__(loss_fn, norm, steps, 2.0, random_start, value_range, train_mode)
+        if not 0 < rho <= 1:
+            raise ValueError(f"APGD rho must be in (0, 1], got {rho!r}.")
+        if int(restarts) != restarts or restarts < 1:
+            raise ValueError(f"APGD restarts must be an integer >= 1, got {restarts!r}.")
+        self.rho = float(rho)
+        self.restarts = int(restarts)
+
+    def describe(self) -> dict[str, Any]:
+        """The attack's settings, as reports record them.
+
+        Returns:
+            :py:meth:`PGD.describe` plus ``rho`` and ``restarts``.
+        """
+        return {**super().describe(), "rho": self.rho, "restarts": self.restarts}
+
+    def attack(
+        self,
+        network: nn.Module,
+        inputs: torch.Tensor,
+        targets: Any,
+        eps: float | torch.Tensor,
+        *,
+        criterion: Callable[[Any, Any], torch.Tensor] | None = None,
+        start_radius: float | torch.Tensor | None = None,
+        forward_fn: Callable[[torch.Tensor], Any] | None = None,
+        bisection_steps: int = 0,
+    ) -> AttackResult:
+        """Run every restart and keep each sample's highest-loss iterate; with a criterion, check every iterate.
+
+        Args:
+            network: the network to attack.
+            inputs: clean inputs ``(B, ...)``.
+            targets: targets for ``loss_fn`` and ``criterion``.
+            eps: noise budget, a float or a ``(B,)`` tensor, each ``>= 0``.
+            criterion: ``criterion(pred, target) -> BoolTensor[B]``, True where the sample is still correct;
+                evaluated on every iterate, in the order the restarts visit them.
+            start_radius: radius of the first restart's random start per sample; None: uniform in the eps-ball.
+            forward_fn: computes the prediction from the inputs; default ``network(x)``.
+            bisection_steps: refine the first-wrong noise norm by bisection (see :py:meth:`PGD.attack`).
+
+        Returns:
+            An :py:class:`AttackResult` whose ``adv`` is the best iterate.
+
+        Raises:
+            ValueError: for a negative or non-finite ``eps``, or a loss that is not one value per sample.
+        """
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        x = x.detach()
+        batch = x.shape[0]
+        eps_t = self._per_sample(eps, batch, x, "eps")
+        forward = network if forward_fn is None else forward_fn
+        track = criterion is not None
+        found = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        boundary = torch.zeros(batch, device=x.device)
+        brackets = (torch.zeros_like(x), torch.zeros_like(x)) if track and bisection_steps > 0 else None
+        best_adv, best_loss = x, torch.full((batch,), -math.inf, device=x.device)
+        start_wrong = found
+
+        def evaluate(adv: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            adv = adv.detach().requires_grad_(with_grad)
+            with torch.set_grad_enabled(with_grad):
+                pred = to_float32(forward(adv))
+                loss = check_per_sample(self.loss_fn(pred, targets), batch)
+            if track:
+                correct = criterion(map_tensors(pred, torch.Tensor.detach), targets)
+                self._track(correct, adv.detach() - x, found, boundary, brackets)
+            grad = torch.autograd.grad(loss.sum(), adv)[0] if with_grad else None
+            return loss.detach(), grad
+
+        with self._attack_mode(network), torch.enable_grad():
+            for restart in range(self.restarts):
+                random = self.random_start or restart > 0
+                start = self._start(x, eps_t, start_radius if restart == 0 else None) if random else 0 * x
+                adv, loss, grad = self._run(x, self._clamp(x, x + start), eps_t, evaluate)
+                if restart == 0:
+                    start_wrong = found.clone() if track else found
+                better = loss > best_loss
+                best_loss = torch.where(better, loss, best_loss)
+                best_adv = torch.where(_view(better, x), adv, best_adv)
+            if brackets is not None:
+                with torch.no_grad():
+                    boundary = self._bisect(forward, criterion, x, targets, found, boundary, brackets, bisection_steps)
+
+        noise_norm = per_sample_norm(best_adv - x, self.norm)
+        return AttackResult(
+            adv=convert_to_dst_type(best_adv, inputs)[0].detach(),
+            found=found,
+            noise_norm=noise_norm,
+            boundary_norm=torch.where(found, boundary, noise_norm),
+            start_wrong=start_wrong,
+        )
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        adv: torch.Tensor,
+        eps: torch.Tensor,
+        evaluate: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One Auto-PGD run from ``adv``; returns each sample's best iterate, its loss, and the last gradient."""
+        self._set_progress(0.0)
+        loss, grad = evaluate(adv, True)
+        best_adv, best_loss, best_grad = adv, loss, grad
+        step_size = 2 * eps
+        checkpoints = set(apgd_checkpoints(self.steps))
+        since, increases = 0, torch.zeros_like(loss)
+        last_best, reduced_last = best_loss.clone(), torch.ones_like(loss, dtype=torch.bool)
+        prev_adv, prev_loss = adv, loss
+        for it in range(1, self.steps + 1):
+            self._set_progress(it / self.steps)
+            a = 1.0 if it == 1 else self.momentum
+            z = self._step(x, adv, grad, _view(step_size, x), eps)
+            new = self._clamp(x, x + self._project(adv + a * (z - adv) + (1 - a) * (adv - prev_adv) - x, eps))
+            prev_adv, adv = adv, new.detach()
+            loss, grad = evaluate(adv, it < self.steps)
+            increases += (loss > prev_loss).to(increases.dtype)
+            prev_loss = loss
+            better = loss > best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best_adv = torch.where(_view(better, x), adv, best_adv)
+            if grad is not None:
+                best_grad = torch.where(_view(better, x), grad, best_grad)
+            since += 1
+            if it in checkpoints and it < self.steps:
+                stalled = (increases < self.rho * since) | (~reduced_last & (best_loss <= last_best))
+                reduced_last, last_best = stalled, best_loss.clone()
+                step_size = torch.where(stalled, step_size / 2, step_size)
+                adv = torch.where(_view(stalled, x), best_adv, adv)
+                grad = torch.where(_view(stalled, x), best_grad, grad)
+                since, increases = 0, torch.zeros_like(loss)
+        return best_adv, best_loss, grad

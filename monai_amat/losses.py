@@ -12,7 +12,7 @@ from torch import nn
 
 from monai_amat.transforms.landmarks import split_landmark_output
 
-__all__ = ["PerSampleLoss", "PerSampleDiceCELoss", "PerSampleLandmarkLoss", "PerImageDetectionLoss"]
+__all__ = ["PerSampleLoss", "PerSampleDiceCELoss", "SegPGDLoss", "PerSampleLandmarkLoss", "PerImageDetectionLoss"]
 
 
 def _identity_key(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
@@ -142,6 +142,52 @@ class PerSampleDiceCELoss(nn.Module):
         weights = self.deep_supervision_weights or [0.5**k for k in range(len(pred))]
         total = sum(weights[: len(pred)])
         return sum(w * self.single(p, target) for w, p in zip(weights, pred)) / total
+
+
+class SegPGDLoss(nn.Module):
+    """SegPGD's attack loss (Gu et al., ECCV 2022), one value per sample.
+
+    Per-pixel cross-entropy, split between pixels the network still classifies correctly, weighted ``1 - lam``,
+    and pixels it already gets wrong, weighted ``lam``, averaged per sample; ``lam = progress / 2`` grows from 0
+    at the attack's first step to 1/2 at its last (SegPGD's ``(t - 1) / 2T``), so the attack first flips correct
+    pixels instead of pushing already-wrong ones further. Attacks set the progress through
+    :py:meth:`set_progress` before each gradient evaluation.
+
+    Example::
+
+        attack = APGD(SegPGDLoss(), steps=100)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = 0.0
+
+    def set_progress(self, fraction: float) -> None:
+        """Set how far the attack has gone.
+
+        Args:
+            fraction: in ``[0, 1]``.
+
+        Raises:
+            ValueError: outside ``[0, 1]``.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"SegPGDLoss progress must be in [0, 1], got {fraction!r}.")
+        self.progress = float(fraction)
+
+    def forward(self, pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` per-sample loss.
+
+        Args:
+            pred: logits ``(B, C, spatial...)`` (of several outputs, the first: the full-resolution one).
+            target: labels ``(B, 1, spatial...)``.
+        """
+        logits = pred if isinstance(pred, torch.Tensor) else pred[0]
+        labels = target[:, 0].long()
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        wrong = (logits.detach().argmax(1) != labels).to(ce.dtype)
+        lam = self.progress / 2
+        return (ce * ((1 - lam) * (1 - wrong) + lam * wrong)).flatten(1).mean(1)
 
 
 class PerSampleLandmarkLoss(nn.Module):
