@@ -283,6 +283,37 @@ class PGD:
             start_wrong=start_wrong,
         )
 
+    def evaluate(
+        self,
+        network: nn.Module,
+        inputs: torch.Tensor,
+        targets: Any,
+        *,
+        fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        forward_fn: Callable[[torch.Tensor], Any] | None = None,
+    ) -> torch.Tensor:
+        """A per-sample function of the prediction (the loss, a criterion), with the network in the attack's mode.
+
+        Args:
+            network: the network (its mode and parameter flags are restored on return).
+            inputs: inputs ``(B, ...)``.
+            targets: targets for ``fn``.
+            fn: ``fn(pred, target) -> Tensor[B]``; default the attack's loss.
+            forward_fn: computes the prediction from the inputs; default ``network(x)``.
+
+        Returns:
+            ``(B,)`` detached values, computed without gradients.
+
+        Raises:
+            ValueError: for an ``fn`` that does not return one value per sample.
+        """
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        forward = network if forward_fn is None else forward_fn
+        with self._attack_mode(network), torch.no_grad():
+            pred = to_float32(forward(x.detach()))
+            value = (fn or self.loss_fn)(pred, targets)
+            return check_per_sample(torch.as_tensor(value).view(-1), x.shape[0], "fn").detach()
+
     def _set_progress(self, fraction: float) -> None:
         setter = getattr(self.loss_fn, "set_progress", None)
         if setter is not None:
@@ -292,10 +323,12 @@ class PGD:
         """The attack's settings, as reports record them.
 
         Returns:
-            ``{"name", "norm", "steps", "alpha", "random_start", "value_range"}`` (and what a subclass adds).
+            ``{"name", "loss", "norm", "steps", "alpha", "random_start", "value_range"}`` (and what a subclass
+            adds); ``loss`` is the class name of the loss.
         """
         return {
             "name": type(self).__name__,
+            "loss": type(self.loss_fn).__name__,
             "norm": self.norm,
             "steps": self.steps,
             "alpha": self.alpha,

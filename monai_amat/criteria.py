@@ -59,9 +59,7 @@ def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def hard_dice(
-    pred: Any, target: torch.Tensor, include_background: bool = False, smooth: float = 0.0
-) -> torch.Tensor:
+def hard_dice(pred: Any, target: torch.Tensor, include_background: bool = False, smooth: float = 0.0) -> torch.Tensor:
     """Hard Dice per sample and class, ``(2|P∩Y| + s) / (|P| + |Y| + s + 1e-8)``.
 
     With ``smooth=0`` (default) this is the authors' ``2tp / (2tp + fp + fn + 1e-8)``: a class absent from both

@@ -1,4 +1,5 @@
 from monai_amat.engines.evaluator import RobustEvaluator, check_eps_list
+from monai_amat.engines.probes import BreakingEps, GradientMaskingChecks
 from monai_amat.engines.trainer import AMATTrainer, RobustTrainer, SATTrainer
 from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
 
@@ -6,6 +7,8 @@ __all__ = [
     "AMATTrainer",
     "AdversarialEvents",
     "AdversarialKeys",
+    "BreakingEps",
+    "GradientMaskingChecks",
     "RobustEvaluator",
     "RobustTrainer",
     "SATTrainer",

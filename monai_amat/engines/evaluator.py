@@ -1,9 +1,9 @@
-"""Robust evaluation: any MONAI metrics under a PGD attack, at every eps of a list."""
+"""Robust evaluation: any MONAI metrics under one or several attacks (and their worst case), at every eps of a list."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -46,29 +46,45 @@ class RobustEvaluator(SupervisedEvaluator):
 
     ``run()`` evaluates the whole data set at each eps in turn (eps 0 is the clean input; no attack runs). The
     attack perturbs the prepared inputs before the evaluator's usual forward pass, so inferers, post-transforms,
-    metrics and handlers work unchanged (``engine.state.eps`` says which level is running; ``IMAGE`` in the
-    output is the adversarial input). Gradients are enabled for the attack even inside a no-grad context. After
-    the last eps, ``engine.state.robustness`` holds ``{"eps": [...], "eps_scale", "metrics": {name: [value per
-    eps]}}`` and ``AdversarialEvents.ROBUSTNESS_COMPLETED`` fires (see
-    :py:class:`monai_amat.handlers.RobustnessReport`).
+    metrics and handlers work unchanged (``engine.state.eps`` says which level is running, ``engine.state.attack_name``
+    which attack; ``IMAGE`` in the output is the adversarial input). Gradients are enabled for the attack even inside
+    a no-grad context.
+
+    With several attacks, each eps is evaluated once per attack, then once more on the **worst case**: for every
+    sample the adversarial input with the highest ``score_fn`` (the task loss by default) over the attacks. Only the
+    worst-case pass has ``engine.state.reported`` True; its metrics are the reported ones. The evaluation data must
+    come in the same batches and order on every pass (no shuffling, no random transforms); a batch that differs
+    raises an error.
+
+    After the last eps, ``engine.state.robustness`` holds ``{"eps": [...], "eps_scale", "metrics": {name: [value per
+    eps]}, "per_attack": {attack: {name: [value per eps]}}, "attacks": {attack: settings}}``, plus what the
+    ``probes`` add (e.g. ``"checks"``, ``"breaking_eps"``), and ``AdversarialEvents.ROBUSTNESS_COMPLETED`` fires
+    (see :py:class:`monai_amat.handlers.RobustnessReport`).
 
     Args:
         device: device to evaluate on.
         val_data_loader: the evaluation data.
         network: the network to evaluate.
-        attack: the PGD attack (its loss must take the evaluator's targets).
+        attack: an attack (:py:class:`~monai_amat.attacks.PGD`, :py:class:`~monai_amat.attacks.APGD`), or a mapping
+            ``{name: attack}`` of several (all with the same norm); a single attack is named after its class.
         eps_list: ascending noise levels, each ``>= 0``, in the units the report shows (e.g. the paper's).
         eps_scale: the attack's budget is ``eps * eps_scale`` (``> 0``), e.g. to keep the per-pixel noise of the
             paper's eps on smaller inputs; ``engine.state.robustness`` records it.
         prepare_batch: as in ``SupervisedEvaluator``; the attack perturbs its first item.
-        attack_network: the network whose output the attack's loss takes, called directly on the inputs (e.g. a
+        attack_network: the network whose output the attacks' losses take, called directly on the inputs (e.g. a
             detector's ``network``, whose head outputs give its training loss, while the evaluator's ``network`` is
             the detector returning boxes); None attacks the evaluator's own ``network`` through its inferer.
+        score_fn: ``score_fn(pred, target) -> Tensor[B]``, higher = worse for the model: picks each sample's worst
+            case over the attacks; None uses the first attack's loss.
+        probes: objects with ``run(evaluator) -> dict`` (e.g. :py:class:`monai_amat.engines.GradientMaskingChecks`,
+            :py:class:`monai_amat.engines.BreakingEps`), run after the last eps in order; what they return is
+            merged into ``engine.state.robustness``.
         kwargs: any other ``SupervisedEvaluator`` argument (``key_val_metric``, ``additional_metrics``,
             ``inferer``, ``postprocessing``, ``val_handlers``, ``amp``...).
 
     Raises:
-        ValueError: for an empty, negative or non-ascending ``eps_list``, or ``eps_scale <= 0``.
+        ValueError: for an empty, negative or non-ascending ``eps_list``, ``eps_scale <= 0``, no attack, or
+            attacks with different norms.
     """
 
     def __init__(
@@ -76,11 +92,13 @@ class RobustEvaluator(SupervisedEvaluator):
         device: str | torch.device,
         val_data_loader: Any,
         network: torch.nn.Module,
-        attack: PGD,
+        attack: PGD | Mapping[str, PGD],
         eps_list: Sequence[float],
         eps_scale: float = 1.0,
         prepare_batch: Callable = default_prepare_batch,
         attack_network: torch.nn.Module | None = None,
+        score_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        probes: Sequence[Any] = (),
         **kwargs: Any,
     ) -> None:
         event_names = list(kwargs.pop("event_names", None) or []) + [AdversarialEvents]
@@ -92,22 +110,39 @@ class RobustEvaluator(SupervisedEvaluator):
             event_names=event_names,
             **kwargs,
         )
-        self.attack = attack
+        self.attacks = dict(attack) if isinstance(attack, Mapping) else {type(attack).__name__.lower(): attack}
+        if not self.attacks:
+            raise ValueError("RobustEvaluator needs at least one attack.")
+        norms = {name: a.norm for name, a in self.attacks.items()}
+        if len(set(norms.values())) > 1:
+            raise ValueError(f"RobustEvaluator attacks must share one norm, got {norms}.")
+        self.attack = next(iter(self.attacks.values()))
         self.eps_list = check_eps_list(eps_list)
         if not (eps_scale > 0 and math.isfinite(eps_scale)):
             raise ValueError(f"eps_scale must be finite and > 0, got {eps_scale!r}.")
         self.eps_scale = float(eps_scale)
         self.clean_prepare_batch = prepare_batch
         self.attack_network = attack_network
+        self.score_fn = self.attack.loss_fn if score_fn is None else score_fn
+        self.probes = list(probes)
         self.state.eps = 0.0
+        self.state.attack_name = ""
+        self.state.reported = True
         self.state.robustness = None
+        self.worst: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}
+        self._pass: str | PGD | None = None
+        self._batch_index = 0
 
-    def _attacked_batch(self, batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
-        batch = self.clean_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        if self.state.eps == 0:
-            return batch
+    def attack_forward(self, batch: Sequence[Any]) -> tuple[torch.nn.Module, Callable[[torch.Tensor], Any]]:
+        """The network the attacks take gradients through, and the forward function from inputs to its output.
+
+        Args:
+            batch: a prepared batch ``(inputs, targets[, args, kwargs])``.
+
+        Returns:
+            ``(network, forward)``.
+        """
         args, kw = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
-
         network = self.network if self.attack_network is None else self.attack_network
 
         def forward(x: torch.Tensor) -> Any:
@@ -116,21 +151,137 @@ class RobustEvaluator(SupervisedEvaluator):
                     return network(x)
                 return self.inferer(x, network, *args, **kw)
 
-        adv = self.attack(network, batch[0], batch[1], self.state.eps * self.eps_scale, forward_fn=forward)
+        return network, forward
+
+    def score(self, batch: Sequence[Any], inputs: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``score_fn`` of ``inputs`` (higher = worse for the model).
+
+        Args:
+            batch: the prepared batch the inputs belong to (its targets are used).
+            inputs: clean or adversarial inputs ``(B, ...)``.
+
+        Returns:
+            ``(B,)`` scores.
+        """
+        network, forward = self.attack_forward(batch)
+        return self.attack.evaluate(network, inputs, batch[1], fn=self.score_fn, forward_fn=forward)
+
+    def prepared_batches(self) -> Iterator[tuple[int, Any, Sequence[Any]]]:
+        """The evaluation data, prepared on the evaluator's device, outside any engine run.
+
+        Yields:
+            ``(batch index, raw batch, prepared batch)``.
+        """
+        for index, batchdata in enumerate(self.data_loader):
+            yield (
+                index,
+                batchdata,
+                self.clean_prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs),
+            )
+
+    def _attacked_batch(self, batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        batch = self.clean_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        index, self._batch_index = self._batch_index, self._batch_index + 1
+        if self.state.eps == 0:
+            return batch
+        if self._pass is None:  # the worst case over the attacks, picked in the earlier passes
+            return (self.worst_case(index, batch[0])[1].to(batch[0].device), *batch[1:])
+        network, forward = self.attack_forward(batch)
+        attack = self.attacks[self._pass] if isinstance(self._pass, str) else self._pass
+        adv = attack(network, batch[0], batch[1], self.state.eps * self.eps_scale, forward_fn=forward)
+        self._keep_worst(index, batch, adv)
         return (adv, *batch[1:])
 
+    def worst_case(self, index: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The worst case kept for a batch at the last eps evaluated: per-sample scores and adversarial inputs (CPU).
+
+        Args:
+            index: the batch index in the data loader's order.
+            inputs: the batch's clean inputs, to check that it is the same batch.
+
+        Returns:
+            ``(scores (B,), adversarial inputs)``.
+
+        Raises:
+            RuntimeError: when the batch was not attacked, or differs from the one that was.
+        """
+        if index not in self.worst:
+            raise RuntimeError(f"RobustEvaluator: batch {index} was not attacked; the data loader gave more batches.")
+        checksum, scores, adv = self.worst[index]
+        if adv.shape != inputs.shape or not math.isclose(checksum, _checksum(inputs), rel_tol=1e-6, abs_tol=1e-6):
+            raise RuntimeError(
+                f"RobustEvaluator: batch {index} differs between passes; the evaluation data loader must give the same "
+                "batches in the same order every time (shuffle=False, no random transforms)."
+            )
+        return scores, adv
+
+    def _keep_worst(self, index: int, batch: Sequence[Any], adv: torch.Tensor) -> None:
+        scores = self.score(batch, adv).cpu()
+        adv = adv.detach().cpu()
+        if index in self.worst:
+            old_scores, old_adv = self.worst_case(index, batch[0])
+            better = scores > old_scores
+            scores = torch.where(better, scores, old_scores)
+            adv = torch.where(better.view(-1, *[1] * (adv.dim() - 1)), adv, old_adv)
+        self.worst[index] = (_checksum(batch[0]), scores, adv)
+
+    def evaluate_pass(self, eps: float, attack: str | PGD | None, global_epoch: int = 1) -> dict[str, float]:
+        """Run the metrics once over the data at one eps.
+
+        Args:
+            eps: the noise level (evaluator units).
+            attack: the name of one of the evaluator's attacks, or another attack object, to run; None evaluates
+                the worst case kept by the earlier passes at this eps.
+            global_epoch: as in ``SupervisedEvaluator.run``.
+
+        Returns:
+            ``{metric name: value}``.
+        """
+        self.state.eps = float(eps)
+        name = attack if attack is None or isinstance(attack, str) else type(attack).__name__.lower()
+        self.state.attack_name = "worst case" if name is None else name
+        self._pass, self._batch_index = attack, 0
+        super().run(global_epoch)
+        return {name: float(torch.as_tensor(v).float().mean()) for name, v in self.state.metrics.items()}
+
     def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
-        """Evaluate at every eps, then fire ``ROBUSTNESS_COMPLETED``.
+        """Evaluate at every eps (each attack, then the worst case), run the probes, fire ``ROBUSTNESS_COMPLETED``.
 
         Args:
             global_epoch: the training epoch this evaluation belongs to (as in ``SupervisedEvaluator``).
         """
         results: dict[str, list[float]] = {}
+        per_attack: dict[str, dict[str, list[float]]] = {name: {} for name in self.attacks}
+        single = len(self.attacks) == 1
         for eps in self.eps_list:
-            self.state.eps = eps
-            super().run(global_epoch)
-            for name, value in self.state.metrics.items():
-                results.setdefault(name, []).append(float(torch.as_tensor(value).float().mean()))
-        self.state.eps = 0.0
-        self.state.robustness = {"eps": list(self.eps_list), "eps_scale": self.eps_scale, "metrics": results}
+            self.worst = {}
+            if eps == 0:  # the clean input: every attack's value
+                self.state.reported = True
+                values = self.evaluate_pass(eps, next(iter(self.attacks)), global_epoch)
+                attacked = dict.fromkeys(self.attacks, values)
+            else:
+                self.state.reported = single
+                attacked = {name: self.evaluate_pass(eps, name, global_epoch) for name in self.attacks}
+                self.state.reported = True
+                values = next(iter(attacked.values())) if single else self.evaluate_pass(eps, None, global_epoch)
+            for name, attack_values in attacked.items():
+                for metric, value in attack_values.items():
+                    per_attack[name].setdefault(metric, []).append(value)
+            for metric, value in values.items():
+                results.setdefault(metric, []).append(value)
+        self.state.robustness = {
+            "eps": list(self.eps_list),
+            "eps_scale": self.eps_scale,
+            "metrics": results,
+            "per_attack": per_attack,
+            "attacks": {name: a.describe() for name, a in self.attacks.items()},
+        }
+        for probe in self.probes:
+            self.state.robustness.update(probe.run(self))
+        self.state.eps, self.state.attack_name, self.state.reported = 0.0, "", True
         self.fire_event(AdversarialEvents.ROBUSTNESS_COMPLETED)
+
+
+def _checksum(x: torch.Tensor) -> float:
+    """A cheap fingerprint of a batch, to notice a loader that changes between passes."""
+    return float(x.detach().double().abs().sum()) + float(x.shape[0])

@@ -27,7 +27,7 @@ class LandmarkErrorsCSV:
     """Per-landmark errors of a ``RobustEvaluator`` at every eps, written as ``landmark_errors.csv``.
 
     Rows ``eps,landmark,mean_mm,median_mm,max_mm`` (landmarks 1-based), written atomically by rank 0 once every eps
-    has run.
+    has run. With several attacks, the rows are the worst case's (the passes with ``engine.state.reported``).
 
     Args:
         metric: the :py:class:`monai_amat.metrics.LandmarkErrorMetric` the evaluator fills (its buffer is read at
@@ -53,7 +53,9 @@ class LandmarkErrorsCSV:
         engine.add_event_handler(AdversarialEvents.ROBUSTNESS_COMPLETED, self.write)
 
     def epoch_completed(self, engine: Engine) -> None:
-        """Summarise this eps's errors per landmark."""
+        """Summarise this eps's errors per landmark (only the reported pass: the worst case over several attacks)."""
+        if not getattr(engine.state, "reported", True):
+            return
         eps = float(getattr(engine.state, "eps", 0.0))
         errors = self.metric.errors().cpu()
         for k in range(errors.shape[1]):

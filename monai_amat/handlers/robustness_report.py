@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -9,15 +10,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch.distributed as dist
 
 from monai_amat.engines.utils import AdversarialEvents
-from monai_amat.utils import atomic_write, write_json
+from monai_amat.utils import atomic_write, is_rank0, write_json
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
 __all__ = ["RobustnessReport", "area_under_curve", "plot_robustness"]
+
+# what the evaluator's probes add to ``engine.state.robustness`` and the report copies as it is
+EXTRA_KEYS = ("checks", "breaking_eps")
 
 
 def area_under_curve(eps: Sequence[float], values: Sequence[float]) -> float:
@@ -98,7 +101,11 @@ class RobustnessReport:
 
     The JSON is ``{"task", "attack": {...}, "eps": [...], "eps_scale", "metrics": {name: [value per eps]}, "auc":
     {name: area under the metric-vs-eps curve}}``: ``eps`` (and the AUC) in the evaluator's units (the paper's, in the
-    bundles), the attack's budget being ``eps * eps_scale``. Only rank 0 writes, atomically.
+    bundles), the attack's budget being ``eps * eps_scale``. With several attacks, ``metrics`` are the worst case,
+    ``attack`` is ``{"name": "worst case", "of": [names], "norm", "steps", "random_start"}``, and the JSON adds
+    ``attacks`` (each one's settings) and ``per_attack: {attack: {name: [value per eps]}}``; the plot draws the worst
+    case and each attack. What the evaluator's probes found (``checks``, ``breaking_eps``) is copied as it is. Only
+    rank 0 writes, atomically.
 
     Args:
         output_dir: the folder for both files.
@@ -143,30 +150,75 @@ class RobustnessReport:
         if missing:
             raise KeyError(f"metrics {missing} were not computed; the evaluator has {sorted(result['metrics'])}.")
         metrics = {n: result["metrics"][n] for n in names}
-        attack = engine.attack
+        attacks = result.get("attacks") or {type(engine.attack).__name__.lower(): engine.attack.describe()}
+        if len(attacks) == 1:
+            attack = next(iter(attacks.values()))
+        else:
+            first = next(iter(attacks.values()))
+            attack = {
+                "name": "worst case",
+                "of": list(attacks),
+                "norm": first["norm"],
+                "steps": max(a["steps"] for a in attacks.values()),
+                "random_start": all(a["random_start"] for a in attacks.values()),
+            }
         self.report = {
             "task": self.task,
-            "attack": {
-                "name": type(attack).__name__,
-                "norm": attack.norm,
-                "steps": attack.steps,
-                "alpha": attack.alpha,
-                "random_start": attack.random_start,
-                "value_range": attack.value_range,
-            },
+            "attack": attack,
             "eps": result["eps"],
             "eps_scale": result.get("eps_scale", 1.0),
             "metrics": metrics,
             "auc": {n: area_under_curve(result["eps"], v) for n, v in metrics.items()},
         }
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        per_attack = result.get("per_attack") or {}
+        if len(per_attack) > 1:
+            self.report["attacks"] = attacks
+            self.report["per_attack"] = {a: {n: per_attack[a][n] for n in names} for a in per_attack}
+        self.report.update({k: v for k, v in result.items() if k in EXTRA_KEYS})
+        if not is_rank0():
             return
         write_json(self.output_dir / f"{self.filename}.json", self.report)
         scale = self.report["eps_scale"]
+        curves = {self.model_name if len(per_attack) <= 1 else "worst case": metrics}
+        if len(per_attack) > 1:
+            curves.update({a: self.report["per_attack"][a] for a in per_attack})
+        if result.get("sample_eps") is not None:
+            self._write_sample_eps(result["sample_eps"], result["breaking_eps"], scale)
         plot_robustness(
             self.output_dir / f"{self.filename}.png",
             result["eps"],
-            {self.model_name: metrics},
-            title=self.task,
+            curves,
+            title=self.task if len(per_attack) <= 1 else f"{self.task}: {self.model_name}",
             eps_label="eps" if scale == 1.0 else f"eps (paper units; x{scale:.3g} applied)",
         )
+
+    def _write_sample_eps(self, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], scale: float) -> None:
+        """``sample_eps.csv`` (one row per sample, in the data's order) and its histogram ``sample_eps.png``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        columns = ["sample", *[k for k in (rows[0] if rows else {}) if k not in ("breaking_eps", "status")]]
+        columns += ["breaking_eps", "status"]
+        with atomic_write(self.output_dir / summary["file"]) as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(columns)
+            for i, row in enumerate(rows):
+                writer.writerow([i, *[row.get(c) for c in columns[1:]]])
+        values = [r["breaking_eps"] for r in rows]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.hist(values, bins=min(max(len(values) // 2, 5), 30), range=(0, summary["max_eps"]))
+        unit = "" if scale == 1.0 else f" (paper units; x{scale:.3g} applied)"
+        ax.set_xlabel(f"breaking eps{unit}")
+        ax.set_ylabel("samples")
+        median = "> max" if summary["median"] is None else f"{summary['median']:.3g}"
+        ax.set_title(
+            f"{self.model_name}: median {median}; "
+            f"{summary['unbroken']} unbroken at {summary['max_eps']:g}, {summary['clean_wrong']} wrong clean",
+            fontsize=9,
+        )
+        fig.tight_layout()
+        with atomic_write(self.output_dir / Path(summary["file"]).with_suffix(".png").name, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
