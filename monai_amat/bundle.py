@@ -20,6 +20,8 @@ __all__ = [
     "bundle_root",
     "check_config",
     "default_eps_scale",
+    "select_attacks",
+    "EVAL_ATTACKS",
     "load_tau",
     "load_loss_thresholds",
     "load_model",
@@ -27,6 +29,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# the evaluation attacks a bundle may name in ``eval_attacks``
+EVAL_ATTACKS = ("pgd", "apgd", "segpgd")
 
 
 def bundle_root(name: str) -> str:
@@ -94,7 +99,9 @@ def check_config(values: Mapping[str, Any]) -> bool:
     ``norm`` (``"l2"`` or ``"linf"``), ``batch_size`` (integer >= 1), ``learning_rate`` (> 0),
     ``data_source`` (``"embedded"`` or ``"real"``; ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0; logged,
     since it multiplies every eps-like key), ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z``
-    (finite), ``oversample_foreground``, ``eval_random_start`` (booleans).
+    (finite), ``oversample_foreground``, ``eval_random_start``, ``breaking_eps``, ``masking_checks`` (booleans),
+    ``eval_attacks`` (distinct names from :py:data:`EVAL_ATTACKS`; whether the bundle defines each is checked by
+    :py:func:`select_attacks`).
 
     Args:
         values: ``{config key: value}``.
@@ -134,9 +141,16 @@ def check_config(values: Mapping[str, Any]) -> bool:
             check_eps_list(values[key], name=f"config key {key!r}")
     if "norm" in values and str(values["norm"]).lower() not in ("l2", "linf"):
         raise bad("norm", "must be 'l2' or 'linf'")
-    for key in ("oversample_foreground", "eval_random_start"):
+    for key in ("oversample_foreground", "eval_random_start", "breaking_eps", "masking_checks"):
         if key in values and not isinstance(values[key], bool):
             raise bad(key, "must be True or False")
+    if "eval_attacks" in values:
+        names = values["eval_attacks"]
+        if isinstance(names, str) or not isinstance(names, Sequence) or not names or len(set(names)) != len(names):
+            raise bad("eval_attacks", f"must be a non-empty list of distinct names from {list(EVAL_ATTACKS)}")
+        unknown = [n for n in names if n not in EVAL_ATTACKS]
+        if unknown:
+            raise bad("eval_attacks", f"unknown attack(s) {unknown}; known: {list(EVAL_ATTACKS)}")
     if "calibration_split" in values and values["calibration_split"] not in ("train", "val"):
         raise bad("calibration_split", "must be 'train' or 'val'")
     if "calibration_z" in values and not math.isfinite(number("calibration_z")):
@@ -245,3 +259,26 @@ def image_files(folder: str | os.PathLike, patterns: Sequence[str] = ("*.nii.gz"
     if not files:
         raise FileNotFoundError(f"{folder}: no input images matching {list(patterns)}; set --input_dir.")
     return files
+
+
+def select_attacks(names: Sequence[str], available: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation attacks a bundle's ``eval_attacks`` names, in that order.
+
+    Args:
+        names: the ``eval_attacks`` config value.
+        available: ``{name: attack}`` the bundle defines (``evaluate#attacks``).
+
+    Returns:
+        ``{name: attack}`` for :py:class:`monai_amat.engines.RobustEvaluator`.
+
+    Raises:
+        ValueError: naming ``eval_attacks`` and the names this bundle does not define.
+    """
+    check_config({"eval_attacks": list(names)})
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(
+            f"config key 'eval_attacks' = {list(names)!r} is invalid: this bundle defines no {missing} attack "
+            f"(it has {list(available)})."
+        )
+    return {n: available[n] for n in names}
