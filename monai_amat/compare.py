@@ -673,8 +673,8 @@ def load_model_result(run_dir: str | os.PathLike, name: str) -> dict[str, Any]:
         result["eps_scale"] = report["eps_scale"]
     if report.get("per_attack"):
         result["per_attack_auc"] = {
-            name: {metric: area_under_curve(report["eps"], values) for metric, values in curves.items()}
-            for name, curves in report["per_attack"].items()
+            attack: {metric: area_under_curve(report["eps"], values) for metric, values in curves.items()}
+            for attack, curves in report["per_attack"].items()
         }
     if report.get("checks") is not None:
         result["checks_fired"] = [c["check"] for c in report["checks"] if c.get("fired")]
@@ -1080,11 +1080,12 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
 
 def _attack_lines(models: Sequence[Mapping[str, Any]], metric: str | None, spread: bool) -> list[str]:
     """The per-attack AUCs of the main metric, the gradient-masking checks and the breaking eps, per model."""
-    if metric is None or not any(m.get("per_attack_auc") for m in models):
+    keys = ("per_attack_auc", "checks_fired", "breaking_eps")
+    if metric is None or not any(m.get(k) is not None for m in models for k in keys):
         return []
     attacks = list(dict.fromkeys(a for m in models for a in m.get("per_attack_auc") or {}))
     digits = _digits([m["auc"].get(metric) for m in models])
-    first = attacks[0]
+    first = attacks[0] if attacks else "the attack"
     lines = [
         f"## Attacks, gradient-masking checks and breaking eps ({metric})",
         "",
@@ -1105,6 +1106,8 @@ def _attack_lines(models: Sequence[Mapping[str, Any]], metric: str | None, sprea
         cells.append("n/a" if base is None or worst is None else f"{worst - base:+.{digits}f}")
         fired = m.get("checks_fired")
         seeds = len(m.get("seeds") or [None])
+        if isinstance(fired, list):  # one run's result, before combine_seeds
+            fired = dict.fromkeys(fired, 1)
         cells.append("n/a" if fired is None else (", ".join(f"{c} ({n}/{seeds})" for c, n in fired.items()) or "none"))
         broken = m.get("breaking_eps") or {}
         cells.append(
