@@ -3,7 +3,9 @@
 (a) our PGD vs torchattacks' PGD / PGDL2 on a classifier, configured alike;
 (b) PGD-K on a small 2D DynUNet vs K x (one forward + input-gradient pass);
 (c) one AMAT iteration vs one SAT iteration (same attack steps): time, and peak memory
-    (CUDA: max allocated; CPU: peak RSS growth of a fresh subprocess per trainer).
+    (CUDA: max allocated; CPU: peak RSS growth of a fresh subprocess per trainer);
+(d) APGD-K vs PGD-K on the same batch and loss (time, and the mean loss each reaches);
+(e) the breaking-eps search of a batch: attacks per sample, and its time in units of one PGD-K.
 
 Usage: python benchmarks/bench_core.py [--device cuda] [--repeats 5] [--steps 10] [--size 96] [--batch 4] [--amp]
 torchattacks is optional (pip install --no-deps torchattacks); without it (a) is skipped.
@@ -23,9 +25,9 @@ import torch
 from memory import child_env, peak_rss_growth_mb
 from monai.networks.nets import DynUNet
 
-from monai_amat.attacks import PGD
+from monai_amat.attacks import APGD, PGD
 from monai_amat.criteria import DiceCriterion
-from monai_amat.engines import AMATTrainer, SATTrainer
+from monai_amat.engines import AMATTrainer, BreakingEps, SATTrainer
 from monai_amat.handlers import MarginHandler
 from monai_amat.losses import PerSampleDiceCELoss
 
@@ -140,6 +142,56 @@ def bench_pgd_cost(args, device):
     }
 
 
+def bench_apgd(args, device):
+    net = dynunet().to(device).eval()
+    loss = PerSampleDiceCELoss()
+    x, y = seg_batch(args, device)
+    pgd, apgd = PGD(loss, steps=args.steps, alpha=2.5), APGD(loss, steps=args.steps)
+    t = side_by_side({"pgd": lambda: pgd(net, x, y, 2.0), "apgd": lambda: apgd(net, x, y, 2.0)}, device, args.repeats)
+    with torch.no_grad():
+        reached = {name: float(loss(net(a(net, x, y, 2.0)), y).mean()) for name, a in (("pgd", pgd), ("apgd", apgd))}
+    return {
+        "pgd_s": t["pgd"],
+        "apgd_s": t["apgd"],
+        "ratio": t["apgd"] / t["pgd"],
+        "mean_loss_pgd": reached["pgd"],
+        "mean_loss_apgd": reached["apgd"],
+    }
+
+
+class CountingPGD(PGD):
+    """PGD that counts its runs."""
+
+    calls = 0
+
+    def attack(self, *a, **kw):
+        CountingPGD.calls += 1
+        return super().attack(*a, **kw)
+
+
+def bench_breaking(args, device):
+    net = dynunet().to(device).eval()
+    loss = PerSampleDiceCELoss()
+    x, y = seg_batch(args, device)
+    attack = CountingPGD(loss, steps=args.steps, alpha=2.5)
+    probe = BreakingEps(DiceCriterion(0.5))
+    t = side_by_side(
+        {
+            "pgd": lambda: attack(net, x, y, 2.0),
+            "search": lambda: probe.search(attack, net, net, x, y, 4.0, 1.0),
+        },
+        device,
+        args.repeats,
+    )
+    CountingPGD.calls = 0
+    probe.search(attack, net, net, x, y, 4.0, 1.0)
+    return {
+        "attacks_per_sample": CountingPGD.calls,
+        "search_s": t["search"],
+        "search_in_pgd_runs": t["search"] / t["pgd"],
+    }
+
+
 def trainer(kind, args, device):
     net = dynunet().to(device)
     loss = PerSampleDiceCELoss()
@@ -215,6 +267,8 @@ def main():
         "a_pgd_vs_torchattacks": bench_torchattacks(args, device),
         "b_pgd_vs_k_passes": bench_pgd_cost(args, device),
         "c_amat_vs_sat": bench_amat_vs_sat(args, device),
+        "d_apgd_vs_pgd": bench_apgd(args, device),
+        "e_breaking_eps_search": bench_breaking(args, device),
     }
     print(json.dumps(results, indent=2, default=float))
 

@@ -311,7 +311,7 @@ class PGD:
         forward = network if forward_fn is None else forward_fn
         with self._attack_mode(network), torch.no_grad():
             pred = to_float32(forward(x.detach()))
-            value = (fn or self.loss_fn)(pred, targets)
+            value = (self.loss_fn if fn is None else fn)(pred, targets)
             return check_per_sample(torch.as_tensor(value).view(-1), x.shape[0], "fn").detach()
 
     def _set_progress(self, fraction: float) -> None:
@@ -350,8 +350,10 @@ class PGD:
             )
         return t.to(x.dtype)
 
-    def _start(self, x: torch.Tensor, eps: torch.Tensor, start_radius: float | torch.Tensor | None) -> torch.Tensor:
-        if not self.random_start:
+    def _start(
+        self, x: torch.Tensor, eps: torch.Tensor, start_radius: float | torch.Tensor | None, force: bool = False
+    ) -> torch.Tensor:
+        if not (self.random_start or force):
             return torch.zeros_like(x)
         if start_radius is None:
             radius, on_sphere = eps, False
@@ -521,9 +523,9 @@ class APGD(PGD):
         """The attack's settings, as reports record them.
 
         Returns:
-            :py:meth:`PGD.describe` plus ``rho`` and ``restarts``.
+            :py:meth:`PGD.describe` (``alpha`` None: the step size adapts) plus ``rho`` and ``restarts``.
         """
-        return {**super().describe(), "rho": self.rho, "restarts": self.restarts}
+        return {**super().describe(), "alpha": None, "rho": self.rho, "restarts": self.restarts}
 
     def attack(
         self,
@@ -566,7 +568,7 @@ class APGD(PGD):
         boundary = torch.zeros(batch, device=x.device)
         brackets = (torch.zeros_like(x), torch.zeros_like(x)) if track and bisection_steps > 0 else None
         best_adv, best_loss = x, torch.full((batch,), -math.inf, device=x.device)
-        start_wrong = found
+        first_checked: list[torch.Tensor] = []  # ``found`` right after the very first iterate
 
         def evaluate(adv: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             adv = adv.detach().requires_grad_(with_grad)
@@ -576,16 +578,15 @@ class APGD(PGD):
             if track:
                 correct = criterion(map_tensors(pred, torch.Tensor.detach), targets)
                 self._track(correct, adv.detach() - x, found, boundary, brackets)
+                if not first_checked:
+                    first_checked.append(found.clone())
             grad = torch.autograd.grad(loss.sum(), adv)[0] if with_grad else None
             return loss.detach(), grad
 
         with self._attack_mode(network), torch.enable_grad():
             for restart in range(self.restarts):
-                random = self.random_start or restart > 0
-                start = self._start(x, eps_t, start_radius if restart == 0 else None) if random else 0 * x
-                adv, loss, grad = self._run(x, self._clamp(x, x + start), eps_t, evaluate)
-                if restart == 0:
-                    start_wrong = found.clone() if track else found
+                start = self._start(x, eps_t, start_radius if restart == 0 else None, force=restart > 0)
+                adv, loss = self._run(x, self._clamp(x, x + start), eps_t, evaluate)
                 better = loss > best_loss
                 best_loss = torch.where(better, loss, best_loss)
                 best_adv = torch.where(_view(better, x), adv, best_adv)
@@ -599,7 +600,7 @@ class APGD(PGD):
             found=found,
             noise_norm=noise_norm,
             boundary_norm=torch.where(found, boundary, noise_norm),
-            start_wrong=start_wrong,
+            start_wrong=first_checked[0] if first_checked else found,
         )
 
     def _run(
@@ -608,8 +609,8 @@ class APGD(PGD):
         adv: torch.Tensor,
         eps: torch.Tensor,
         evaluate: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One Auto-PGD run from ``adv``; returns each sample's best iterate, its loss, and the last gradient."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Auto-PGD run from ``adv``; returns each sample's best iterate and its loss."""
         self._set_progress(0.0)
         loss, grad = evaluate(adv, True)
         best_adv, best_loss, best_grad = adv, loss, grad
@@ -640,4 +641,4 @@ class APGD(PGD):
                 adv = torch.where(_view(stalled, x), best_adv, adv)
                 grad = torch.where(_view(stalled, x), best_grad, grad)
                 since, increases = 0, torch.zeros_like(loss)
-        return best_adv, best_loss, grad
+        return best_adv, best_loss

@@ -75,7 +75,17 @@ RESERVED = {
     "sat_eps": "--sat_eps takes the list of SAT levels here",
 }
 # keys that only change the evaluation: changing them re-evaluates instead of refusing to retrain
-EVAL_ONLY_KEYS = ("eps_list", "attack_steps", "eval_alpha", "eval_random_start")
+EVAL_ONLY_KEYS = (
+    "eps_list",
+    "attack_steps",
+    "eval_alpha",
+    "eval_random_start",
+    "eval_attacks",
+    "masking_checks",
+    "breaking_eps",
+)
+# evaluation keys whose bundle defaults go into the evaluation records: a changed default re-evaluates
+EVAL_DEFAULT_KEYS = ("eval_attacks", "masking_checks", "breaking_eps")
 LOWER_IS_BETTER = ("mre", "error", "loss", "distance", "hausdorff")
 
 
@@ -201,7 +211,8 @@ def bundle_defaults(bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] 
 
     Returns:
         ``{"eps_list", "sat_eps_list", "epochs", "attack_steps", "train_attack_steps", "data_source",
-        "dataset_dir", "seed"}``; a key the bundle lacks maps to None.
+        "dataset_dir", "seed", "eval_attacks", "masking_checks", "breaking_eps"}``; a key the bundle lacks maps to
+        None.
     """
     from monai.bundle import ConfigParser
 
@@ -218,6 +229,7 @@ def bundle_defaults(bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] 
         "data_source",
         "dataset_dir",
         "seed",
+        *EVAL_DEFAULT_KEYS,
     )
     return {k: parser.get_parsed_content(k) if k in parser else None for k in keys}
 
@@ -348,6 +360,7 @@ class Comparison:
         if not self.eps:
             raise CompareError(f"bundle {self.bundle} has no eps_list in evaluate.json.")
         self.settings = {k: defaults[k] for k in ("epochs", "attack_steps", "train_attack_steps", "data_source")}
+        self.eval_settings = {k: defaults[k] for k in EVAL_DEFAULT_KEYS if defaults[k] is not None}
         from monai_amat.bundle import check_config
 
         try:
@@ -456,7 +469,7 @@ class Comparison:
                         "output_dir": str(m.run_dir),
                         "ckpt_path": str(m.run_dir / "model.pt"),
                     },
-                    _jsonable({**self.overrides, **m.overrides}),
+                    _jsonable({**self.eval_settings, **self.overrides, **m.overrides}),
                     m.run_dir / "robustness.json",
                     m,
                 )
@@ -630,7 +643,9 @@ def load_model_result(run_dir: str | os.PathLike, name: str) -> dict[str, Any]:
 
     Returns:
         ``{"name", "run_dir", "task", "attack", "eps", "metrics", "auc", "train_seconds"}``, plus ``"eps_scale"``
-        when ``robustness.json`` has it; ``train_seconds`` is None without a finished training record.
+        when ``robustness.json`` has it, and from a worst-case evaluation ``"per_attack_auc"`` (``{attack:
+        {metric: AUC}}``), ``"checks_fired"`` (the gradient-masking checks that fired) and ``"breaking_eps"`` (its
+        summary); ``train_seconds`` is None without a finished training record.
 
     Raises:
         FileNotFoundError: when ``robustness.json`` is missing.
@@ -656,6 +671,15 @@ def load_model_result(run_dir: str | os.PathLike, name: str) -> dict[str, Any]:
     }
     if report.get("eps_scale") is not None:
         result["eps_scale"] = report["eps_scale"]
+    if report.get("per_attack"):
+        result["per_attack_auc"] = {
+            attack: {metric: area_under_curve(report["eps"], values) for metric, values in curves.items()}
+            for attack, curves in report["per_attack"].items()
+        }
+    if report.get("checks") is not None:
+        result["checks_fired"] = [c["check"] for c in report["checks"] if c.get("fired")]
+    if report.get("breaking_eps") is not None:
+        result["breaking_eps"] = report["breaking_eps"]
     return result
 
 
@@ -690,7 +714,9 @@ def combine_seeds(results: Sequence[Mapping[str, Any]], seeds: Sequence[int | No
         (None where a run lacks the value), plus ``"metrics_sd"``, ``"auc_sd"``, ``"train_seconds_sd"`` (sample
         standard deviations, ddof 1; 0.0 for one seed), ``"seeds"`` and ``"per_seed"`` (``[{"seed", "run_dir",
         "metrics", "auc", "train_seconds"}]``); ``"run_dir"`` too for one seed, ``"eps_scale"`` when the runs have
-        one.
+        one; from worst-case evaluations ``"per_attack_auc"`` / ``"per_attack_auc_sd"``, ``"checks_fired"``
+        (``{check: number of seeds where it fired}``) and ``"breaking_eps"`` (mean and sd of the medians, unbroken
+        samples per seed; a median of None, every sample unbroken, makes the mean None).
 
     Raises:
         ValueError: when there is not one result per seed, or the results differ in name, eps, metrics or
@@ -742,6 +768,26 @@ def combine_seeds(results: Sequence[Mapping[str, Any]], seeds: Sequence[int | No
     eps_scale = _common_eps_scale(results, f"the runs of {first['name']}")
     if eps_scale is not None:
         entry["eps_scale"] = eps_scale
+    if all("per_attack_auc" in r for r in results):
+        attacks = first["per_attack_auc"]
+        pairs = {
+            a: {m: _mean_sd([r["per_attack_auc"].get(a, {}).get(m) for r in results]) for m in attacks[a]}
+            for a in attacks
+        }
+        entry["per_attack_auc"] = {a: {m: mean for m, (mean, _) in p.items()} for a, p in pairs.items()}
+        entry["per_attack_auc_sd"] = {a: {m: sd for m, (_, sd) in p.items()} for a, p in pairs.items()}
+    if all("checks_fired" in r for r in results):
+        names = dict.fromkeys(c for r in results for c in r["checks_fired"])
+        entry["checks_fired"] = {c: sum(c in r["checks_fired"] for r in results) for c in names}
+    if all("breaking_eps" in r for r in results):
+        median, median_sd = _mean_sd([r["breaking_eps"].get("median") for r in results])
+        entry["breaking_eps"] = {
+            "median": median,
+            "median_sd": median_sd,
+            "unbroken": [r["breaking_eps"].get("unbroken") for r in results],
+            "samples": first["breaking_eps"].get("samples"),
+            "max_eps": first["breaking_eps"].get("max_eps"),
+        }
     return entry
 
 
@@ -978,7 +1024,12 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     attack = first.get("attack") or {}
     lines = [f"# Robustness comparison: {comparison['bundle']}", ""]
     described = [f"task: {first.get('task')}"] if first.get("task") else []
-    if attack:
+    if attack.get("of"):
+        described.append(
+            f"evaluation: the per-sample worst case of {', '.join(attack['of'])} "
+            f"({str(attack.get('norm', '')).upper()}, {attack.get('steps')} steps each)"
+        )
+    elif attack:
         described.append(
             f"evaluation attack: {attack.get('name', 'PGD')} {str(attack.get('norm', '')).upper()}, "
             f"{attack.get('steps')} steps, alpha {attack.get('alpha')}"
@@ -1022,8 +1073,53 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
         lines.append("")
     verdict = comparison["verdict"] if "verdict" in comparison else claims_verdict(models)
     clean_digits, auc_digits = digits.get(verdict["metric"], (3, 3)) if verdict else (3, 3)
+    lines += _attack_lines(models, verdict["metric"] if verdict else _main_metric(models), spread)
     lines += _verdict_lines(verdict, seeds, clean_digits, auc_digits)
     return "\n".join(lines)
+
+
+def _attack_lines(models: Sequence[Mapping[str, Any]], metric: str | None, spread: bool) -> list[str]:
+    """The per-attack AUCs of the main metric, the gradient-masking checks and the breaking eps, per model."""
+    keys = ("per_attack_auc", "checks_fired", "breaking_eps")
+    if metric is None or not any(m.get(k) is not None for m in models for k in keys):
+        return []
+    attacks = list(dict.fromkeys(a for m in models for a in m.get("per_attack_auc") or {}))
+    digits = _digits([m["auc"].get(metric) for m in models])
+    first = attacks[0] if attacks else "the attack"
+    lines = [
+        f"## Attacks, gradient-masking checks and breaking eps ({metric})",
+        "",
+        f"AUC of {metric} under each attack alone and under the per-sample worst case (reported above); "
+        f"'worst - {first}': how much the worst case changes {first}'s AUC. Checks: the gradient-masking checks that "
+        "fired (in how many seeds). Breaking eps: the median over the test samples of the smallest eps at which "
+        "the sample's criterion fails (mean over seeds).",
+        "",
+        "| model | worst case | " + " | ".join(attacks) + f" | worst - {first} | checks fired | median breaking eps |",
+        "|---|" + "---:|" * (len(attacks) + 2) + "---|---:|",
+    ]
+    for m in models:
+        per = m.get("per_attack_auc") or {}
+        sds = m.get("per_attack_auc_sd") or {}
+        cells = [_cell(m["auc"].get(metric), (m.get("auc_sd") or {}).get(metric), digits, spread)]
+        cells += [_cell(per.get(a, {}).get(metric), sds.get(a, {}).get(metric), digits, spread) for a in attacks]
+        base, worst = _number(per.get(first, {}).get(metric)), _number(m["auc"].get(metric))
+        cells.append("n/a" if base is None or worst is None else f"{worst - base:+.{digits}f}")
+        fired = m.get("checks_fired")
+        seeds = len(m.get("seeds") or [None])
+        if isinstance(fired, list):  # one run's result, before combine_seeds
+            fired = dict.fromkeys(fired, 1)
+        cells.append("n/a" if fired is None else (", ".join(f"{c} ({n}/{seeds})" for c, n in fired.items()) or "none"))
+        broken = m.get("breaking_eps") or {}
+        cells.append(
+            "n/a"
+            if not broken
+            else (
+                "> max" if broken.get("median") is None else _cell(broken["median"], broken.get("median_sd"), 2, spread)
+            )
+        )
+        lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def _plot_comparison(

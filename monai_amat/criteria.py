@@ -22,6 +22,7 @@ __all__ = [
     "label_indices",
     "holds_every_class",
     "DiceCriterion",
+    "DiceWorstCaseScore",
     "LossThresholdCriterion",
     "huber_location_scale",
     "calibrate_thresholds",
@@ -120,6 +121,36 @@ def holds_every_class(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     truth = label_indices(target).flatten(1)
     present = [(truth == c).any(1) for c in range(1, max(num_classes, 2))]
     return torch.stack(present, dim=1).all(1)
+
+
+class DiceWorstCaseScore:
+    """Ranks a sample's adversarial inputs for the worst case over several attacks: the lower its Dice, the worse.
+
+    ``1 - hard Dice`` (unsmoothed, mean over the foreground classes, as ``MeanDice`` averages them) plus a tie-break
+    below Dice's resolution, ``1e-6 * L / (1 + L)`` of the task loss ``L``, for samples whose Dice every attack leaves
+    the same (e.g. 0 on slices without foreground, where the loss still tells more false positives). Ranking by the
+    loss alone can keep an input with a higher loss but a better Dice (SegPGD trades loss for flipped pixels).
+
+    Args:
+        loss_fn: the per-sample task loss, for the tie-break.
+    """
+
+    def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, pred: Any, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample score, higher = worse for the model.
+
+        Args:
+            pred: logits ``(B, C, spatial...)`` (or deep-supervision outputs, see :py:func:`hard_dice`).
+            target: labels ``(B, 1, spatial...)`` or one-hot.
+
+        Returns:
+            ``(B,)`` scores.
+        """
+        loss = self.loss_fn(pred, target).detach().float()
+        dice = hard_dice(pred, target).mean(1).to(loss.device)
+        return (1 - dice) + 1e-6 * loss / (1 + loss.abs())
 
 
 class DiceCriterion:

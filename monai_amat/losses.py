@@ -149,13 +149,15 @@ class SegPGDLoss(nn.Module):
 
     Per-pixel cross-entropy, split between pixels the network still classifies correctly, weighted ``1 - lam``,
     and pixels it already gets wrong, weighted ``lam``, averaged per sample; ``lam = progress / 2`` grows from 0
-    at the attack's first step to 1/2 at its last (SegPGD's ``(t - 1) / 2T``), so the attack first flips correct
-    pixels instead of pushing already-wrong ones further. Attacks set the progress through
-    :py:meth:`set_progress` before each gradient evaluation.
+    at the attack's first step to ``(T - 1) / 2T`` at its last (SegPGD's ``(t - 1) / 2T``), so the attack first
+    flips correct pixels instead of pushing already-wrong ones further. Attacks set the progress through
+    :py:meth:`set_progress` before each gradient evaluation. Made for :py:class:`~monai_amat.attacks.PGD`, as in the
+    SegPGD paper: with APGD, whose step-size rule and best-iterate choice compare loss values across iterations, the
+    changing weights bias it towards late iterates.
 
     Example::
 
-        attack = APGD(SegPGDLoss(), steps=100)
+        attack = PGD(SegPGDLoss(), steps=100, alpha=25.0)
     """
 
     def __init__(self) -> None:
@@ -181,6 +183,9 @@ class SegPGDLoss(nn.Module):
         Args:
             pred: logits ``(B, C, spatial...)`` (of several outputs, the first: the full-resolution one).
             target: labels ``(B, 1, spatial...)``.
+
+        Returns:
+            ``(B,)`` weighted cross-entropy per sample.
         """
         logits = pred if isinstance(pred, torch.Tensor) else pred[0]
         labels = target[:, 0].long()

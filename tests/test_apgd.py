@@ -135,3 +135,26 @@ def test_segpgd_attack_lowers_dice():
     with torch.no_grad():
         assert task_loss(net(adv), y).mean() > task_loss(net(x), y).mean()
         assert (net(adv).argmax(1) != y[:, 0]).sum() > (net(x).argmax(1) != y[:, 0]).sum()
+
+
+def test_apgd_restarts_start_at_random_and_start_wrong_is_the_first_iterate():
+    torch.manual_seed(0)
+    net = TinyClassifier().eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    seen = []
+
+    def forward(v):
+        seen.append(v.detach().clone())
+        return net(v)
+
+    APGD(per_sample_ce, steps=3, random_start=False, restarts=2)(net, x, y, 1.0, forward_fn=forward)
+    assert torch.equal(seen[0], x) and not torch.equal(seen[4], x)  # restart 2 starts at random in the ball
+
+    def wrong_once_moved(pred, target):
+        return torch.tensor([bool(torch.equal(seen[-1], x))] * 4)
+
+    seen.clear()
+    res = APGD(per_sample_ce, steps=3, random_start=False).attack(
+        net, x, y, 1.0, criterion=wrong_once_moved, forward_fn=forward
+    )
+    assert res.found.all() and not res.start_wrong.any()

@@ -42,6 +42,14 @@ def test_landmark_bundle_all_configs(tmp_path):
     assert len(errors) == 7 * 19 and {e["landmark"] for e in errors} == {str(k) for k in range(1, 20)}
     clean = [float(e["mean_mm"]) for e in errors if e["eps"] == "0"]
     assert sum(clean) / 19 == pytest.approx(report["metrics"]["mre_mm"][0], rel=1e-3)
+    last = [float(e["mean_mm"]) for e in errors if e["eps"] == "3"]  # the worst case's rows, not one attack's
+    assert sum(last) / 19 == pytest.approx(report["metrics"]["mre_mm"][-1], rel=1e-3)
+    assert report["attack"]["of"] == ["pgd", "apgd"] and set(report["per_attack"]) == {"pgd", "apgd"}
+    assert all(w >= p - 1e-6 for w, p in zip(report["metrics"]["mre_mm"], report["per_attack"]["pgd"]["mre_mm"]))
+    assert len(report["checks"]) == 4
+    with open(out["amat"] / "sample_eps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == report["breaking_eps"]["samples"] >= 1 and all(r["image"].endswith(".bmp") for r in rows)
 
     run(config_file=configs(BUNDLE, "train", "train_sat"), output_dir=str(out["sat"]), **tiny(tmp_path))
     assert (out["sat"] / "model.pt").is_file()

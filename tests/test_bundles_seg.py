@@ -66,9 +66,17 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
     paper = json.loads(Path(configs(bundle, "train")[0]).read_text())["paper_spatial_size"]
     assert report["eps_scale"] == pytest.approx((16 * 16 / (paper[0] * paper[1])) ** 0.5)
     assert report["attack"]["random_start"] is True  # the authors' evaluation PGD starts at random
+    assert report["attack"]["name"] == "worst case" and report["attack"]["of"] == ["pgd", "apgd", "segpgd"]
     assert set(report["metrics"]) == {"dice_mean", "dice_total"} and all("dice" in k for k in report["auc"])
     assert all(len(v) == len(eps) for v in report["metrics"].values())
-    assert (out["amat"] / "robustness.png").stat().st_size > 0
+    assert set(report["per_attack"]) == {"pgd", "apgd", "segpgd"}
+    assert {c["check"] for c in report["checks"]} == {"monotone", "random_noise", "stronger_attack", "large_eps"}
+    assert report["breaking_eps"]["max_eps"] == eps[-1] and report["breaking_eps"]["attack"] == "pgd"
+    with open(out["amat"] / "sample_eps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == report["breaking_eps"]["samples"] > 0 and set(rows[0]) >= {"case", "slice", "breaking_eps"}
+    assert all(0 <= float(r["breaking_eps"]) <= eps[-1] for r in rows)
+    assert (out["amat"] / "robustness.png").stat().st_size > 0 and (out["amat"] / "sample_eps.png").is_file()
 
     run(config_file=configs(bundle, "train", "train_sat"), output_dir=str(out["sat"]), **tiny(tmp_path))
     assert (out["sat"] / "model.pt").is_file() and not (out["sat"] / "margins.csv").exists()

@@ -171,6 +171,20 @@ def test_compare_with_seeds(tmp_path, capsys, one_thread):
     assert "means over seeds 0, 1 with their sample sds" in md and "difference " in md
     assert (out / "comparison.png").read_bytes()[:8] == PNG
 
+    # the evaluation is the per-sample worst case of the bundle's attacks, with checks and breaking eps
+    assert "evaluation: the per-sample worst case of pgd, apgd, segpgd (L2, 2 steps each)" in md
+    assert "## Attacks, gradient-masking checks and breaking eps (dice_mean)" in md
+    record = json.loads((out / "amat_s0" / "compare_evaluate.json").read_text())
+    assert record["settings"]["eval_attacks"] == ["pgd", "apgd", "segpgd"] and record["settings"]["breaking_eps"]
+    for m, folder in zip(comparison["models"], ("std", "amat", "sat_2")):
+        runs = [json.loads((out / f"{folder}_s{seed}" / "robustness.json").read_text()) for seed in (0, 1)]
+        assert set(m["per_attack_auc"]) == {"pgd", "apgd", "segpgd"}
+        assert all(m["auc"]["dice_mean"] <= m["per_attack_auc"][a]["dice_mean"] + 0.02 for a in m["per_attack_auc"])
+        fired = {c: sum(c in [x["check"] for x in r["checks"] if x["fired"]] for r in runs) for c in m["checks_fired"]}
+        assert m["checks_fired"] == fired
+        medians = [r["breaking_eps"]["median"] for r in runs]
+        assert m["breaking_eps"]["median"] == (None if None in medians else pytest.approx(statistics.mean(medians)))
+
     # the same command again: all 7 stages of both seeds are skipped, the per-seed calibrations included
     before = run_files(out)
     capsys.readouterr()

@@ -6,9 +6,16 @@ import torch
 from ignite.engine import Events
 
 from monai_amat.attacks import APGD, PGD
-from monai_amat.criteria import DiceCriterion, hard_dice
+from monai_amat.criteria import DiceCriterion, DiceWorstCaseScore, hard_dice
 from monai_amat.engines import BreakingEps, GradientMaskingChecks, RobustEvaluator
-from monai_amat.engines.probes import check_beaten, check_large_eps, check_monotone, check_stronger, sample_names
+from monai_amat.engines.probes import (
+    check_beaten,
+    check_large_eps,
+    check_monotone,
+    check_stronger,
+    check_worst_case,
+    sample_names,
+)
 from monai_amat.handlers import RobustnessReport
 from monai_amat.losses import PerSampleDiceCELoss, SegPGDLoss
 from tests.conftest import pretrain, seg_loader, small_unet, synthetic_seg_data
@@ -118,6 +125,13 @@ def test_check_functions_on_hand_made_results():
     assert check_beaten("x", worst, worst + torch.tensor([0.0, 0.0, 0.0, 1.0]), "noise")["fired"]
     assert not check_beaten("x", worst, worst * 1.01, "stronger", rel_tol=0.05)["fired"]
 
+    per_attack = {"pgd": {"dice": [0.9, 0.5, 0.3]}, "apgd": {"dice": [0.9, 0.6, 0.2]}}
+    assert not check_worst_case(eps, {"dice": [0.9, 0.5, 0.2]}, per_attack)["fired"]
+    fired = check_worst_case(eps, {"dice": [0.9, 0.5, 0.3]}, per_attack)
+    assert fired["fired"] and fired["violations"] == [
+        {"metric": "dice", "attack": "apgd", "eps": 2, "by": pytest.approx(0.1)}
+    ]
+
     clean = {"dice": 0.9, "mre": 1.0}
     assert check_stronger({"dice": 0.5}, {"dice": 0.4}, clean, "apgd")["fired"]
     assert not check_stronger({"dice": 0.5}, {"dice": 0.48}, clean, "apgd")["fired"]  # within 5 % of 0.9
@@ -160,7 +174,7 @@ def test_masking_checks_fire_on_a_masked_model_and_stay_quiet_on_a_normal_one(tr
     ev = _evaluator(data, net, attacks, [0, 2.0, 8.0], probes=[probe])
     ev.run()
     normal = _checks(ev)
-    assert set(normal) == {"monotone", "large_eps", "stronger_attack", "random_noise"}
+    assert set(normal) == {"monotone", "worst_case", "large_eps", "stronger_attack", "random_noise"}
     assert not any(c["fired"] for c in normal.values()), normal
 
 
@@ -234,5 +248,21 @@ def test_sample_names_from_batches():
         {"image": "b.png", "id": 4},
     ]
     assert sample_names([{"id": 1}, {"id": 2}], ["id"], 2) == [{"id": 1}, {"id": 2}]
+    assert sample_names([{"id": torch.tensor(7)}], ["id"], 1) == [{"id": 7}]  # a list of one item is not a batch
     with pytest.raises(KeyError, match="'case'"):
         sample_names({"id": torch.tensor([1])}, ["case"], 1)
+
+
+def test_dice_worst_case_score_ranks_by_dice_then_loss():
+    target = torch.zeros(3, 1, 2, 2)
+    target[:2, 0, 0, 0] = 1
+    logits = torch.zeros(3, 2, 2, 2)
+    logits[0, 1, 0, 0] = 5.0  # sample 0: perfect foreground
+    logits[1, 1, 1, 1] = 5.0  # sample 1: the foreground missed, a false positive
+    logits[2, 1, 1, 1] = 5.0  # sample 2: no foreground in the label, a false positive
+    loss = PerSampleDiceCELoss()
+    score = DiceWorstCaseScore(loss)(logits, target)
+    assert score[0] == pytest.approx(0.0, abs=1e-5) and score[1] == pytest.approx(1.0, abs=1e-5)
+    quieter = logits.clone()
+    quieter[2, 1, 1, 1] = 0.5  # the same (empty) Dice, a lower loss: ranked less bad
+    assert DiceWorstCaseScore(loss)(quieter, target)[2] < score[2]

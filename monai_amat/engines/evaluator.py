@@ -78,7 +78,8 @@ class RobustEvaluator(SupervisedEvaluator):
             case over the attacks; None uses the first attack's loss.
         probes: objects with ``run(evaluator) -> dict`` (e.g. :py:class:`monai_amat.engines.GradientMaskingChecks`,
             :py:class:`monai_amat.engines.BreakingEps`), run after the last eps in order; what they return is
-            merged into ``engine.state.robustness``.
+            merged into ``engine.state.robustness``. A probe with ``needs_worst_case = True`` reads
+            :py:meth:`worst_case` of the largest eps.
         kwargs: any other ``SupervisedEvaluator`` argument (``key_val_metric``, ``additional_metrics``,
             ``inferer``, ``postprocessing``, ``val_handlers``, ``amp``...).
 
@@ -125,6 +126,8 @@ class RobustEvaluator(SupervisedEvaluator):
         self.attack_network = attack_network
         self.score_fn = self.attack.loss_fn if score_fn is None else score_fn
         self.probes = list(probes)
+        # each sample's worst case is kept only where something reads it: several attacks, or a probe that asks
+        self.keep_worst = len(self.attacks) > 1 or any(getattr(p, "needs_worst_case", False) for p in self.probes)
         self.state.eps = 0.0
         self.state.attack_name = ""
         self.state.reported = True
@@ -189,7 +192,8 @@ class RobustEvaluator(SupervisedEvaluator):
         network, forward = self.attack_forward(batch)
         attack = self.attacks[self._pass] if isinstance(self._pass, str) else self._pass
         adv = attack(network, batch[0], batch[1], self.state.eps * self.eps_scale, forward_fn=forward)
-        self._keep_worst(index, batch, adv)
+        if self.keep_worst and isinstance(self._pass, str):  # the probes' own passes do not enter the worst case
+            self._keep_worst(index, batch, adv)
         return (adv, *batch[1:])
 
     def worst_case(self, index: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,5 +287,8 @@ class RobustEvaluator(SupervisedEvaluator):
 
 
 def _checksum(x: torch.Tensor) -> float:
-    """A cheap fingerprint of a batch, to notice a loader that changes between passes."""
-    return float(x.detach().double().abs().sum()) + float(x.shape[0])
+    """A cheap fingerprint of a batch that changes when samples are reordered, flipped or rotated."""
+    flat = x.detach().double().flatten(1)
+    weights = torch.linspace(1.0, 2.0, flat.shape[1], dtype=flat.dtype, device=flat.device)
+    order = torch.arange(1, flat.shape[0] + 1, dtype=flat.dtype, device=flat.device)
+    return float(((flat * weights).sum(1) * order).sum()) + float(x.shape[0])

@@ -27,6 +27,7 @@ __all__ = [
     "check_large_eps",
     "check_beaten",
     "check_stronger",
+    "check_worst_case",
     "sample_names",
 ]
 
@@ -150,6 +151,51 @@ def check_stronger(
     return {"check": "stronger_attack", "fired": bool(fired), "detail": detail, "metrics": found}
 
 
+def check_worst_case(
+    eps: Sequence[float],
+    worst: Mapping[str, Sequence[float]],
+    per_attack: Mapping[str, Mapping[str, Sequence[float]]],
+    lower_is_better: Sequence[str] = (),
+    tolerance: float = 0.05,
+) -> dict[str, Any]:
+    """Whether the reported worst case is better than some attack alone: the per-sample score picked the wrong one.
+
+    Args:
+        eps: the noise levels.
+        worst: ``{name: [worst-case value per eps]}``.
+        per_attack: ``{attack: {name: [value per eps]}}``.
+        lower_is_better: the metrics where lower is better.
+        tolerance: fires when the worst case is better by more than this fraction of the metric's clean magnitude.
+
+    Returns:
+        ``{"check": "worst_case", "fired", "detail", "violations": [{"metric", "attack", "eps", "by"}]}``.
+    """
+    violations = []
+    for name, values in worst.items():
+        scale = tolerance * max(abs(float(values[0])), 1e-12)
+        for attack, curves in per_attack.items():
+            for k, (w, a) in enumerate(zip(values, curves.get(name, []))):
+                by = _better(float(w), float(a), name in lower_is_better)
+                if by > scale:
+                    violations.append({"metric": name, "attack": attack, "eps": eps[k], "by": by})
+    detail = (
+        "; ".join(
+            f"{v['metric']} at eps {v['eps']:g} is better than {v['attack']} alone by {v['by']:.4g}" for v in violations
+        )
+        or "the worst case is never better than any attack alone"
+    )
+    return {"check": "worst_case", "fired": bool(violations), "detail": detail, "violations": violations}
+
+
+def _gather(values: torch.Tensor) -> torch.Tensor:
+    """All ranks' values, concatenated in rank order (the values themselves without ``torch.distributed``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values.cpu())
+    return torch.cat(parts)
+
+
 def check_beaten(
     name: str,
     worst: torch.Tensor,
@@ -194,6 +240,9 @@ class GradientMaskingChecks:
     4. ``random_noise``: random noise of the largest eps's norm scores higher than the worst case on more than
        ``fraction`` of the samples.
 
+    With several attacks a fifth, ``worst_case``, checks the evaluation itself: the worst-case curve is better than
+    some attack alone by more than ``tolerance`` (the per-sample score picked the wrong adversarial input).
+
     A check that fires is logged as a warning. Costs: one pass of the first attack at the large eps, one of the
     strong attack at the largest eps, one forward pass of random noise; the metrics of the extra passes are not
     reported (``engine.state.reported`` is False).
@@ -210,6 +259,8 @@ class GradientMaskingChecks:
     Raises:
         ValueError: for ``large_eps_factor <= 1`` or a ``fraction`` outside ``[0, 1)``.
     """
+
+    needs_worst_case = True
 
     def __init__(
         self,
@@ -252,7 +303,7 @@ class GradientMaskingChecks:
             scores, _ = evaluator.worst_case(index, batch[0])
             worst.append(scores)
             noisy.append(evaluator.score(batch, _random_noise(evaluator.attack, batch[0], eps)).cpu())
-        return torch.cat(worst), torch.cat(noisy)
+        return _gather(torch.cat(worst)), _gather(torch.cat(noisy))
 
     def run(self, evaluator: RobustEvaluator) -> dict[str, Any]:
         """Run the four checks on an evaluator that has just evaluated every eps.
@@ -267,6 +318,8 @@ class GradientMaskingChecks:
         rob = evaluator.state.robustness
         eps, metrics = rob["eps"], rob["metrics"]
         checks = [check_monotone(eps, metrics, self.lower_is_better, self.tolerance)]
+        if len(rob.get("per_attack") or {}) > 1:
+            checks.append(check_worst_case(eps, metrics, rob["per_attack"], self.lower_is_better, self.tolerance))
         top = max(eps)
         if top > 0:
             worst, noisy = self._noise_scores(evaluator, top * evaluator.eps_scale)
@@ -326,14 +379,16 @@ def sample_names(batchdata: Any, keys: Sequence[str], batch_size: int) -> list[d
     Raises:
         KeyError: naming a key the batch does not have.
     """
-    items = batchdata if isinstance(batchdata, (list, tuple)) else [batchdata]
+    batched = not isinstance(batchdata, (list, tuple))
+    items = [batchdata] if batched else list(batchdata)
     per_key: dict[str, list[Any]] = {}
     for key in keys:
         values: list[Any] = []
         for item in items:
-            if key not in item:
-                raise KeyError(f"sample name key {key!r} is not in the evaluation batch (keys: {sorted(item)}).")
-            values += _as_list(item[key], len(items) == 1)
+            if not isinstance(item, Mapping) or key not in item:
+                have = sorted(item) if isinstance(item, Mapping) else type(item).__name__
+                raise KeyError(f"sample name key {key!r} is not in the evaluation batch (it has {have}).")
+            values += _as_list(item[key], batched)
         per_key[key] = values
     return [{key: per_key[key][i] if i < len(per_key[key]) else None for key in keys} for i in range(batch_size)]
 
@@ -344,7 +399,8 @@ def _as_list(value: Any, batched: bool) -> list[Any]:
         value = meta["filename_or_obj"]
         value = [value] if isinstance(value, str) else value
     if isinstance(value, torch.Tensor):
-        return value.tolist() if batched else [value.tolist()]
+        listed = value.tolist()
+        return listed if batched and isinstance(listed, list) else [listed]
     if isinstance(value, (list, tuple)) and batched:
         return list(value)
     return [value]
@@ -355,8 +411,9 @@ class BreakingEps:
 
     For every sample: its criterion on the clean input (wrong there: breaking eps 0); an attack at ``max_eps`` (still
     correct: the sample does not break up to ``max_eps``); then ``steps`` bisection attacks between 0 and ``max_eps``
-    with per-sample budgets, a sample counting as broken when any iterate of the attack makes it wrong. At most
-    ``1 + steps`` attacks per sample; the result is within ``max_eps / 2**steps`` of the flip point, assuming the
+    with per-sample budgets, a sample counting as broken when any iterate of the attack makes it wrong (bisection is
+    skipped for a batch where no sample needs it). At most ``1 + steps`` attacks per sample, plus one clean forward
+    pass; the result is within ``max_eps / 2**steps`` of the flip point, assuming the
     attack's success grows with eps. The samples' values go to ``engine.state.robustness["sample_eps"]`` (the report
     writes ``sample_eps.csv`` and ``sample_eps.png``) and a summary, with the median, to ``["breaking_eps"]``.
 
@@ -417,10 +474,11 @@ class BreakingEps:
         hi = torch.full((x.shape[0],), float(max_eps), device=x.device)
         broken = attack.attack(network, x, y, hi * scale, criterion=self.criterion, forward_fn=forward).found
         lo = torch.zeros_like(hi)
-        for _ in range(self.steps):
+        for _ in range(self.steps if bool((correct & broken).any()) else 0):
             mid = (lo + hi) / 2
             found = attack.attack(network, x, y, mid * scale, criterion=self.criterion, forward_fn=forward).found
             hi, lo = torch.where(found, mid, hi), torch.where(found, lo, mid)
+        broken = broken | (hi < max_eps)  # the attack at max_eps missed, a smaller one did not
         value = torch.where(~correct, torch.zeros_like(hi), torch.where(broken, hi, torch.full_like(hi, max_eps)))
         return value, ~correct, correct & ~broken
 
