@@ -56,7 +56,13 @@ def test_detection_bundle_all_configs(tmp_path):
     assert all(-1 <= v <= 1 and len(vs) == 4 for vs in report["metrics"].values() for v in vs)
     assert report["attack"]["steps"] == 2 and (out["amat"] / "robustness.png").is_file()
     assert report["attack"]["of"] == ["pgd", "apgd"] and report["attacks"]["apgd"]["name"] == "APGD"
-    assert len(report["checks"]) == 4
+    assert {c["check"] for c in report["checks"]} == {
+        "monotone",
+        "worst_case",
+        "random_noise",
+        "stronger_attack",
+        "large_eps",
+    }
     with open(out["amat"] / "sample_eps.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == report["breaking_eps"]["samples"] == 1 and rows[0]["image"].endswith(".jpg")

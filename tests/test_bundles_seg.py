@@ -70,7 +70,13 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
     assert set(report["metrics"]) == {"dice_mean", "dice_total"} and all("dice" in k for k in report["auc"])
     assert all(len(v) == len(eps) for v in report["metrics"].values())
     assert set(report["per_attack"]) == {"pgd", "apgd", "segpgd"}
-    assert {c["check"] for c in report["checks"]} == {"monotone", "random_noise", "stronger_attack", "large_eps"}
+    assert {c["check"] for c in report["checks"]} == {
+        "monotone",
+        "worst_case",
+        "random_noise",
+        "stronger_attack",
+        "large_eps",
+    }
     assert report["breaking_eps"]["max_eps"] == eps[-1] and report["breaking_eps"]["attack"] == "pgd"
     with open(out["amat"] / "sample_eps.csv") as f:
         rows = list(csv.DictReader(f))

@@ -149,7 +149,7 @@ def test_norm_and_skip_non_finite_are_bundle_settings(bundle, tmp_path):
     parser.read_config(configs(bundle, "train", "evaluate"))
     parser.update({"norm": "linf"})
     assert parser.get_parsed_content("train#attack").norm == "linf"
-    assert parser.get_parsed_content("evaluate#attack").norm == "linf"
+    assert all(a.norm == "linf" for a in parser.get_parsed_content("evaluate#attacks").values())
 
 
 def test_atomic_write_keeps_the_old_file_on_failure_and_gives_normal_permissions(tmp_path):
