@@ -7,6 +7,9 @@ from monai.utils import set_determinism
 
 from monai_amat.data import add_sample_index
 
+# the gradient-masking checks of an evaluation with several attacks
+CHECKS = {"monotone", "worst_case", "random_noise", "stronger_attack", "large_eps"}
+
 
 def synthetic_seg_data(n: int, size: int = 32, seed: int = 0) -> list[dict]:
     """MONAI's synthetic 2D segmentation images (circles on noise), binary labels, with sample indices."""

@@ -14,6 +14,7 @@ from monai.bundle import run
 from PIL import Image
 
 from monai_amat.data.bccd import make_embedded_bccd
+from tests.conftest import CHECKS
 from tests.test_bundles_seg import ROOT, chain, ckpt_export, configs
 from tests.test_bundles_seg import tiny as seg_tiny
 
@@ -56,13 +57,7 @@ def test_detection_bundle_all_configs(tmp_path):
     assert all(-1 <= v <= 1 and len(vs) == 4 for vs in report["metrics"].values() for v in vs)
     assert report["attack"]["steps"] == 2 and (out["amat"] / "robustness.png").is_file()
     assert report["attack"]["of"] == ["pgd", "apgd"] and report["attacks"]["apgd"]["name"] == "APGD"
-    assert {c["check"] for c in report["checks"]} == {
-        "monotone",
-        "worst_case",
-        "random_noise",
-        "stronger_attack",
-        "large_eps",
-    }
+    assert {c["check"] for c in report["checks"]} == CHECKS
     with open(out["amat"] / "sample_eps.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == report["breaking_eps"]["samples"] == 1 and rows[0]["image"].endswith(".jpg")

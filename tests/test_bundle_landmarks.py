@@ -9,6 +9,7 @@ import torch
 from monai.bundle import run
 
 from monai_amat.data.isbi2015 import make_embedded_isbi2015
+from tests.conftest import CHECKS
 from tests.test_bundles_seg import chain, ckpt_export, configs
 from tests.test_bundles_seg import tiny as seg_tiny
 
@@ -46,13 +47,7 @@ def test_landmark_bundle_all_configs(tmp_path):
     assert sum(last) / 19 == pytest.approx(report["metrics"]["mre_mm"][-1], rel=1e-3)
     assert report["attack"]["of"] == ["pgd", "apgd"] and set(report["per_attack"]) == {"pgd", "apgd"}
     assert all(w >= p - 1e-6 for w, p in zip(report["metrics"]["mre_mm"], report["per_attack"]["pgd"]["mre_mm"]))
-    assert {c["check"] for c in report["checks"]} == {
-        "monotone",
-        "worst_case",
-        "random_noise",
-        "stronger_attack",
-        "large_eps",
-    }
+    assert {c["check"] for c in report["checks"]} == CHECKS
     with open(out["amat"] / "sample_eps.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == report["breaking_eps"]["samples"] >= 1 and all(r["image"].endswith(".bmp") for r in rows)

@@ -14,6 +14,7 @@ import torch
 from monai.bundle import run
 
 from monai_amat.data.msd import make_embedded_msd
+from tests.conftest import CHECKS
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ["msd_heart_seg_amat", "msd_hippocampus_seg_amat", "msd_prostate_seg_amat"]
@@ -70,13 +71,7 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
     assert set(report["metrics"]) == {"dice_mean", "dice_total"} and all("dice" in k for k in report["auc"])
     assert all(len(v) == len(eps) for v in report["metrics"].values())
     assert set(report["per_attack"]) == {"pgd", "apgd", "segpgd"}
-    assert {c["check"] for c in report["checks"]} == {
-        "monotone",
-        "worst_case",
-        "random_noise",
-        "stronger_attack",
-        "large_eps",
-    }
+    assert {c["check"] for c in report["checks"]} == CHECKS
     assert report["breaking_eps"]["max_eps"] == eps[-1] and report["breaking_eps"]["attack"] == "pgd"
     with open(out["amat"] / "sample_eps.csv") as f:
         rows = list(csv.DictReader(f))
