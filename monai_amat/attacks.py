@@ -241,38 +241,35 @@ class PGD:
         eps_t = self._per_sample(eps, batch, x, "eps")
         forward = network if forward_fn is None else forward_fn
         track = criterion is not None
+        found = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        boundary = torch.zeros(batch, device=x.device)
+        brackets = (torch.zeros_like(x), torch.zeros_like(x)) if track and bisection_steps > 0 else None
+        first_checked: list[torch.Tensor] = []  # ``found`` right after the very first iterate
+
+        def evaluate(adv: torch.Tensor, grad: bool, loss: bool = True) -> tuple[Any, Any]:
+            """Forward pass of one iterate: its loss (and input gradient) when asked, the criterion when tracking."""
+            adv = adv.detach().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                pred = to_float32(forward(adv))
+                value = check_per_sample(self.loss_fn(pred, targets), batch) if loss or grad else None
+            if track:
+                self._track(
+                    criterion(map_tensors(pred, torch.Tensor.detach), targets),
+                    adv.detach() - x,
+                    found,
+                    boundary,
+                    brackets,
+                )
+                if not first_checked:
+                    first_checked.append(found.clone())
+            gradient = torch.autograd.grad(value.sum(), adv)[0] if grad else None
+            return (None if value is None else value.detach()), gradient
 
         with self._attack_mode(network), torch.enable_grad():
-            adv = self._clamp(x, x + self._start(x, eps_t, start_radius))
-            found = torch.zeros(batch, dtype=torch.bool, device=x.device)
-            boundary = torch.zeros(batch, device=x.device)
-            brackets = (torch.zeros_like(x), torch.zeros_like(x)) if track and bisection_steps > 0 else None
-            step_size = _view(self.alpha * eps_t / self.steps, x)
-            start_wrong = found
-            for step in range(self.steps):
-                self._set_progress(step / self.steps)
-                adv.requires_grad_(True)
-                pred = to_float32(forward(adv))
-                loss = check_per_sample(self.loss_fn(pred, targets), batch)
-                if track:
-                    self._track(
-                        criterion(map_tensors(pred, torch.Tensor.detach), targets),
-                        adv.detach() - x,
-                        found,
-                        boundary,
-                        brackets,
-                    )
-                    if step == 0:
-                        start_wrong = found.clone()
-                (grad,) = torch.autograd.grad(loss.sum(), adv)
-                adv = self._step(x, adv.detach(), grad, step_size, eps_t)
-            if track:
+            adv = self._iterate(x, eps_t, start_radius, evaluate, track)
+            if brackets is not None:
                 with torch.no_grad():
-                    self._track(criterion(to_float32(forward(adv)), targets), adv - x, found, boundary, brackets)
-                    if brackets is not None:
-                        boundary = self._bisect(
-                            forward, criterion, x, targets, found, boundary, brackets, bisection_steps
-                        )
+                    boundary = self._bisect(forward, criterion, x, targets, found, boundary, brackets, bisection_steps)
 
         noise_norm = per_sample_norm(adv - x, self.norm)
         return AttackResult(
@@ -280,8 +277,32 @@ class PGD:
             found=found,
             noise_norm=noise_norm,
             boundary_norm=torch.where(found, boundary, noise_norm),
-            start_wrong=start_wrong,
+            start_wrong=first_checked[0] if first_checked else found,
         )
+
+    def _iterate(
+        self,
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        start_radius: float | torch.Tensor | None,
+        evaluate: Callable[..., tuple[Any, Any]],
+        track: bool,
+    ) -> torch.Tensor:
+        """The attack's iterates from the start point; returns the adversarial inputs.
+
+        ``evaluate(adv, grad, loss=True) -> (loss, input gradient)`` runs the forward pass of an iterate (and checks
+        the criterion when tracking); subclasses change only this method.
+        """
+        adv = self._clamp(x, x + self._start(x, eps, start_radius))
+        step_size = _view(self.alpha * eps / self.steps, x)
+        for step in range(self.steps):
+            self._set_progress(step / self.steps)
+            _, grad = evaluate(adv, True)
+            adv = self._step(x, adv, grad, step_size, eps)
+        if track:  # the final iterate: the criterion only
+            with torch.no_grad():
+                evaluate(adv, False, loss=False)
+        return adv
 
     def evaluate(
         self,
@@ -527,88 +548,30 @@ class APGD(PGD):
         """
         return {**super().describe(), "alpha": None, "rho": self.rho, "restarts": self.restarts}
 
-    def attack(
+    def _iterate(
         self,
-        network: nn.Module,
-        inputs: torch.Tensor,
-        targets: Any,
-        eps: float | torch.Tensor,
-        *,
-        criterion: Callable[[Any, Any], torch.Tensor] | None = None,
-        start_radius: float | torch.Tensor | None = None,
-        forward_fn: Callable[[torch.Tensor], Any] | None = None,
-        bisection_steps: int = 0,
-    ) -> AttackResult:
-        """Run every restart and keep each sample's highest-loss iterate; with a criterion, check every iterate.
-
-        Args:
-            network: the network to attack.
-            inputs: clean inputs ``(B, ...)``.
-            targets: targets for ``loss_fn`` and ``criterion``.
-            eps: noise budget, a float or a ``(B,)`` tensor, each ``>= 0``.
-            criterion: ``criterion(pred, target) -> BoolTensor[B]``, True where the sample is still correct;
-                evaluated on every iterate, in the order the restarts visit them.
-            start_radius: radius of the first restart's random start per sample; None: uniform in the eps-ball.
-            forward_fn: computes the prediction from the inputs; default ``network(x)``.
-            bisection_steps: refine the first-wrong noise norm by bisection (see :py:meth:`PGD.attack`).
-
-        Returns:
-            An :py:class:`AttackResult` whose ``adv`` is the best iterate.
-
-        Raises:
-            ValueError: for a negative or non-finite ``eps``, or a loss that is not one value per sample.
-        """
-        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
-        x = x.detach()
-        batch = x.shape[0]
-        eps_t = self._per_sample(eps, batch, x, "eps")
-        forward = network if forward_fn is None else forward_fn
-        track = criterion is not None
-        found = torch.zeros(batch, dtype=torch.bool, device=x.device)
-        boundary = torch.zeros(batch, device=x.device)
-        brackets = (torch.zeros_like(x), torch.zeros_like(x)) if track and bisection_steps > 0 else None
-        best_adv, best_loss = x, torch.full((batch,), -math.inf, device=x.device)
-        first_checked: list[torch.Tensor] = []  # ``found`` right after the very first iterate
-
-        def evaluate(adv: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            adv = adv.detach().requires_grad_(with_grad)
-            with torch.set_grad_enabled(with_grad):
-                pred = to_float32(forward(adv))
-                loss = check_per_sample(self.loss_fn(pred, targets), batch)
-            if track:
-                correct = criterion(map_tensors(pred, torch.Tensor.detach), targets)
-                self._track(correct, adv.detach() - x, found, boundary, brackets)
-                if not first_checked:
-                    first_checked.append(found.clone())
-            grad = torch.autograd.grad(loss.sum(), adv)[0] if with_grad else None
-            return loss.detach(), grad
-
-        with self._attack_mode(network), torch.enable_grad():
-            for restart in range(self.restarts):
-                start = self._start(x, eps_t, start_radius if restart == 0 else None, force=restart > 0)
-                adv, loss = self._run(x, self._clamp(x, x + start), eps_t, evaluate)
-                better = loss > best_loss
-                best_loss = torch.where(better, loss, best_loss)
-                best_adv = torch.where(_view(better, x), adv, best_adv)
-            if brackets is not None:
-                with torch.no_grad():
-                    boundary = self._bisect(forward, criterion, x, targets, found, boundary, brackets, bisection_steps)
-
-        noise_norm = per_sample_norm(best_adv - x, self.norm)
-        return AttackResult(
-            adv=convert_to_dst_type(best_adv, inputs)[0].detach(),
-            found=found,
-            noise_norm=noise_norm,
-            boundary_norm=torch.where(found, boundary, noise_norm),
-            start_wrong=first_checked[0] if first_checked else found,
-        )
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        start_radius: float | torch.Tensor | None,
+        evaluate: Callable[..., tuple[Any, Any]],
+        track: bool,
+    ) -> torch.Tensor:
+        """Every restart; each sample's highest-loss iterate over all of them (the criterion sees every iterate)."""
+        best_adv, best_loss = x, torch.full((x.shape[0],), -math.inf, device=x.device)
+        for restart in range(self.restarts):
+            start = self._start(x, eps, start_radius if restart == 0 else None, force=restart > 0)
+            adv, loss = self._run(x, self._clamp(x, x + start), eps, evaluate)
+            better = loss > best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best_adv = torch.where(_view(better, x), adv, best_adv)
+        return best_adv
 
     def _run(
         self,
         x: torch.Tensor,
         adv: torch.Tensor,
         eps: torch.Tensor,
-        evaluate: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]],
+        evaluate: Callable[..., tuple[Any, Any]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One Auto-PGD run from ``adv``; returns each sample's best iterate and its loss."""
         self._set_progress(0.0)
