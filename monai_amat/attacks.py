@@ -335,6 +335,23 @@ class PGD:
             value = (self.loss_fn if fn is None else fn)(pred, targets)
             return check_per_sample(torch.as_tensor(value).view(-1), x.shape[0], "fn").detach()
 
+    def random_noise(self, inputs: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+        """Inputs plus random noise of the attack's budget: the baseline an attack of that budget must beat.
+
+        The noise is the attack's random start at full size: on the L2 sphere of radius ``eps`` (Linf: uniform in
+        the cube), clamped to ``value_range``.
+
+        Args:
+            inputs: clean inputs ``(B, ...)``.
+            eps: noise norm, a float or a ``(B,)`` tensor.
+
+        Returns:
+            The noisy inputs (a plain tensor).
+        """
+        x = (inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs).detach()
+        eps_t = self._per_sample(eps, x.shape[0], x, "eps")
+        return self._clamp(x, x + self._start(x, eps_t, eps_t, force=True))
+
     def _set_progress(self, fraction: float) -> None:
         setter = getattr(self.loss_fn, "set_progress", None)
         if setter is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from monai_amat.attacks import APGD, PGD, per_sample_norm
+from monai_amat.attacks import APGD, PGD
 
 if TYPE_CHECKING:
     from monai_amat.engines.evaluator import RobustEvaluator
@@ -302,7 +302,7 @@ class GradientMaskingChecks:
         for index, _, batch in evaluator.prepared_batches():
             scores, _ = evaluator.worst_case(index, batch[0])
             worst.append(scores)
-            noisy.append(evaluator.score(batch, _random_noise(evaluator.attack, batch[0], eps)).cpu())
+            noisy.append(evaluator.score(batch, evaluator.attack.random_noise(batch[0], eps)).cpu())
         return _gather(torch.cat(worst)), _gather(torch.cat(noisy))
 
     def run(self, evaluator: RobustEvaluator) -> dict[str, Any]:
@@ -350,19 +350,6 @@ class GradientMaskingChecks:
             if check["fired"]:
                 logger.warning(f"gradient-masking check {check['check']} fired: {check['detail']}")
         return {"checks": checks}
-
-
-def _random_noise(attack: PGD, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Clean inputs plus random noise of norm ``eps`` per sample (L2 sphere, or the Linf cube's corners)."""
-    x = x.as_tensor() if hasattr(x, "as_tensor") else x
-    if attack.norm == "linf":
-        noise = torch.randint_like(x, 2) * 2 - 1
-        noise = noise * eps
-    else:
-        noise = torch.randn_like(x)
-        noise = noise * (eps / per_sample_norm(noise).clamp_min(1e-12).to(x.dtype)).view(-1, *[1] * (x.dim() - 1))
-    adv = x + noise
-    return adv if attack.value_range is None else adv.clamp(*attack.value_range)
 
 
 def sample_names(batchdata: Any, keys: Sequence[str], batch_size: int) -> list[dict[str, Any]]:
