@@ -393,3 +393,30 @@ def test_errors_name_the_bad_value(tmp_path):
     )
     with pytest.raises(FloatingPointError, match=r"epoch 1, iteration 1 for sample indices \[2\]"):
         t.run()
+
+
+@pytest.mark.parametrize("beta", [0.3, 1.0])
+def test_update_equals_the_gradient_of_the_whole_loss(tmp_path, beta):
+    """The clean term is back-propagated before the attack; the summed gradient is that of the whole mixed loss."""
+    trainer, _, net = _amat(tmp_path, epochs=1, beta=beta, clean_criterion=True, tau=None, norm="instance")
+    trainer.attack.random_start = False
+    grads, expected = [], []
+
+    def check(engine):
+        o = engine.state.output
+        grads.append([p.grad.clone() for p in net.parameters()])
+        net.zero_grad()
+        loss = trainer.loss_function
+        clean = loss(net(o["image"]), o["label"])
+        adv = loss(net(o["adv_image"]), o["label"])
+        total = (1 - beta) * clean.mean() + beta * (adv * o["clean_correct"]).sum() / len(adv)
+        expected.append(torch.autograd.grad(total, list(net.parameters())))
+        for p, g in zip(net.parameters(), grads[-1]):
+            p.grad = g.clone()
+
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, check)
+    trainer.run()
+    assert len(grads) == 2
+    for got, want in zip(grads, expected):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

@@ -12,7 +12,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-from monai_amat.attacks import PGD, AttackResult, check_per_sample, to_float32
+from monai_amat.attacks import PGD, AttackResult, check_per_sample, map_tensors, to_float32
 from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
 
 if TYPE_CHECKING:
@@ -27,7 +27,9 @@ class RobustTrainer(SupervisedTrainer):
     Each iteration: a clean pass with the per-sample loss ``L``; a PGD attack with a per-sample budget chosen
     by the subclass; an adversarial pass with loss ``L_adv``; the update with
     ``(1 - beta) * mean(L) + beta * sum(L_adv over clean-correct samples) / B``, then optional gradient-norm
-    clipping. MONAI's ``IterationEvents`` fire at the same points as in ``SupervisedTrainer``
+    clipping. The clean term is back-propagated right after the clean pass, so its graph is freed before the
+    attack runs: the gradients add up to those of the whole loss, and peak memory stays that of adversarial-only
+    training. MONAI's ``IterationEvents`` fire at the same points as in ``SupervisedTrainer``
     (``FORWARD_COMPLETED`` after both passes), and :py:class:`AdversarialEvents.ATTACK_COMPLETED` after the attack.
     The iteration knows nothing about the task: targets may be tensors or lists of dicts, as long as
     ``loss_function`` (and the criterion) take them.
@@ -217,6 +219,11 @@ class RobustTrainer(SupervisedTrainer):
         else:
             correct = torch.ones(size, dtype=torch.bool, device=clean.device)
 
+        clean_term = (1.0 - self.beta) * clean.mean()
+        if clean_term.requires_grad:  # free the clean graph before the attack: peak memory as adversarial-only SAT
+            self._backward(engine, clean_term)
+        out[Keys.PRED] = map_tensors(out[Keys.PRED], torch.Tensor.detach)
+
         eps, radius = self.budget(engine, indices, size)
         result: AttackResult = self.attack.attack(
             engine.network,
@@ -243,9 +250,13 @@ class RobustTrainer(SupervisedTrainer):
         adv = check_per_sample(
             engine.loss_function(to_float32(out[AdversarialKeys.ADV_PRED]), targets), size, "loss_function"
         )
-        loss = (1.0 - self.beta) * clean.mean() + self.beta * (adv * correct).sum() / size
+        adv_term = self.beta * (adv * correct).sum() / size
         out.update(
-            {Keys.LOSS: loss, AdversarialKeys.CLEAN_LOSS: clean.detach(), AdversarialKeys.ADV_LOSS: adv.detach()}
+            {
+                Keys.LOSS: clean_term.detach() + adv_term,
+                AdversarialKeys.CLEAN_LOSS: clean.detach(),
+                AdversarialKeys.ADV_LOSS: adv.detach(),
+            }
         )
         problem = self._non_finite(engine, {"clean": clean, "adversarial": adv}, indices)
         if problem is not None:
@@ -253,29 +264,32 @@ class RobustTrainer(SupervisedTrainer):
                 raise FloatingPointError(problem)
             engine.state.skipped_batches += 1
             engine.logger.warning(f"skipped batch {engine.state.skipped_batches} of this run: {problem}")
-            out[Keys.LOSS] = loss.detach()
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)  # drop the clean term's gradient
+            out[Keys.LOSS] = out[Keys.LOSS].detach()
             return out
 
         engine.fire_event(AdversarialEvents.ATTACK_COMPLETED)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            if self.grad_clip_norm is not None:
+        self._backward(engine, adv_term)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.grad_clip_norm is not None:
+            if engine.amp and engine.scaler is not None:
                 engine.scaler.unscale_(engine.optimizer)
-                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
+        if engine.amp and engine.scaler is not None:
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            if self.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    @staticmethod
+    def _backward(engine: RobustTrainer, term: torch.Tensor) -> None:
+        """Accumulate the gradient of one term of the loss (scaled under AMP); one scale serves both terms."""
+        (engine.scaler.scale(term) if engine.amp and engine.scaler is not None else term).backward()
 
 
 class AMATTrainer(RobustTrainer):
