@@ -39,10 +39,11 @@ def test_two_gloo_ranks_share_one_margin_table(tmp_path):
     first, second = set(rank0["indices"]), set(rank1["indices"])
     assert len(rank0["indices"]) == len(rank1["indices"]) == 24
     assert first | second == set(range(N)) and len(first & second) == 1
-    # ... both skipped the batch whose loss was NaN on rank 1 only, and all-reduced gradients once per trained
-    # iteration: 2 epochs x 6 iterations, less the skipped one; the attacks' 2 x 11 PGD steps all-reduced nothing
+    # ... both skipped the batch whose loss was NaN on rank 1 only, and all-reduced gradients once per iteration
+    # (2 epochs x 6): the clean term's gradient is accumulated locally (no_sync) and goes with the adversarial term's,
+    # the skipped batch's round is dropped, and the attacks' 2 x 11 PGD steps all-reduced nothing
     assert result["iterations"] == 12 and rank0["skipped"] == rank1["skipped"] == 1
-    assert rank0["rounds"] == rank1["rounds"] == 11
+    assert rank0["rounds"] == rank1["rounds"] == 12
     # ... and hold one identical margin table, which is the checkpoint's and margins.csv's last epoch
     m0, m1 = result["tables"]
     assert m0.shape == (N,) and torch.equal(m0, m1)

@@ -210,18 +210,23 @@ class RobustTrainer(SupervisedTrainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.set_grad_enabled(self.beta < 1.0):
-            out[Keys.PRED] = forward(inputs)
-            clean = check_per_sample(engine.loss_function(to_float32(out[Keys.PRED]), targets), size, "loss_function")
-        if self.clean_criterion:
-            with torch.no_grad():
-                correct = self.criterion(to_float32(out[Keys.PRED]), targets).to(clean.device).bool()
-        else:
-            correct = torch.ones(size, dtype=torch.bool, device=clean.device)
-
-        clean_term = (1.0 - self.beta) * clean.mean()
-        if clean_term.requires_grad:  # free the clean graph before the attack: peak memory as adversarial-only SAT
-            self._backward(engine, clean_term)
+        # the clean term's gradient is back-propagated now, to free its graph before the attack (peak memory as
+        # adversarial-only SAT); under DDP it only accumulates locally and is all-reduced with the adversarial term's
+        ddp = isinstance(engine.network, torch.nn.parallel.DistributedDataParallel)
+        with engine.network.no_sync() if ddp and self.beta < 1.0 else nullcontext():
+            with torch.set_grad_enabled(self.beta < 1.0):
+                out[Keys.PRED] = forward(inputs)
+                clean = check_per_sample(
+                    engine.loss_function(to_float32(out[Keys.PRED]), targets), size, "loss_function"
+                )
+            if self.clean_criterion:
+                with torch.no_grad():
+                    correct = self.criterion(to_float32(out[Keys.PRED]), targets).to(clean.device).bool()
+            else:
+                correct = torch.ones(size, dtype=torch.bool, device=clean.device)
+            clean_term = (1.0 - self.beta) * clean.mean()
+            if clean_term.requires_grad:
+                self._backward(engine, clean_term)
         out[Keys.PRED] = map_tensors(out[Keys.PRED], torch.Tensor.detach)
 
         eps, radius = self.budget(engine, indices, size)
@@ -264,7 +269,9 @@ class RobustTrainer(SupervisedTrainer):
                 raise FloatingPointError(problem)
             engine.state.skipped_batches += 1
             engine.logger.warning(f"skipped batch {engine.state.skipped_batches} of this run: {problem}")
-            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)  # drop the clean term's gradient
+            if ddp:  # DDP expects the backward of its synchronised forward: one all-reduce, whose result is dropped
+                (adv_term * 0.0).backward()
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)  # drop the gradients of this batch
             out[Keys.LOSS] = out[Keys.LOSS].detach()
             return out
 
