@@ -100,8 +100,8 @@ def check_config(values: Mapping[str, Any]) -> bool:
     ``data_source`` (``"embedded"`` or ``"real"``; ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0; logged,
     since it multiplies every eps-like key), ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z``
     (finite), ``oversample_foreground``, ``eval_random_start``, ``breaking_eps``, ``masking_checks`` (booleans),
-    ``eval_attacks`` (distinct names from :py:data:`EVAL_ATTACKS`; whether the bundle defines each is checked by
-    :py:func:`select_attacks`).
+    ``amp_dtype`` (``"float16"`` or ``"bfloat16"``: the autocast type with ``amp``), ``eval_attacks`` (distinct
+    names from :py:data:`EVAL_ATTACKS`; whether the bundle defines each is checked by :py:func:`select_attacks`).
 
     Args:
         values: ``{config key: value}``.
@@ -151,6 +151,8 @@ def check_config(values: Mapping[str, Any]) -> bool:
         unknown = [n for n in names if n not in EVAL_ATTACKS]
         if unknown:
             raise bad("eval_attacks", f"unknown attack(s) {unknown}; known: {list(EVAL_ATTACKS)}")
+    if "amp_dtype" in values and values["amp_dtype"] not in ("float16", "bfloat16"):
+        raise bad("amp_dtype", "must be 'float16' or 'bfloat16'")
     if "calibration_split" in values and values["calibration_split"] not in ("train", "val"):
         raise bad("calibration_split", "must be 'train' or 'val'")
     if "calibration_z" in values and not math.isfinite(number("calibration_z")):

@@ -44,6 +44,7 @@ BAD_VALUES = [
     ({"epochs": 0}, ["train", "train_sat"], "epochs"),
     ({"epochs": 0}, ["train", "train_std"], "epochs"),
     ({"max_margin": 0.5, "delta": 1.0}, ["train"], "max_margin"),
+    ({"amp_dtype": "float64"}, ["train", "evaluate"], "amp_dtype"),
 ]
 
 
