@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.transforms import LoadImage
 
 from monai_amat.criteria import load_thresholds
 from monai_amat.engines.evaluator import check_eps_list
+from monai_amat.utils import root_cause
 
 __all__ = [
+    "as_bool",
     "bundle_root",
     "check_config",
+    "check_output_dir",
     "default_eps_scale",
     "select_attacks",
     "EVAL_ATTACKS",
@@ -26,12 +30,88 @@ __all__ = [
     "load_loss_thresholds",
     "load_model",
     "image_files",
+    "readable_images",
 ]
 
 logger = logging.getLogger(__name__)
 
 # the evaluation attacks a bundle may name in ``eval_attacks``
 EVAL_ATTACKS = ("pgd", "apgd", "segpgd")
+# the files by which a folder holds a training run
+RUN_FILES = ("checkpoint.pt", "model.pt", "model_best.pt", "margins.csv")
+# the boolean keys of the bundles: each consumer reads them through :py:func:`as_bool`
+BOOL_KEYS = (
+    "amp",
+    "resume",
+    "overwrite",
+    "skip_non_finite",
+    "oversample_foreground",
+    "sat_start_on_sphere",
+    "eval_random_start",
+    "breaking_eps",
+    "masking_checks",
+    "strict_inputs",
+)
+
+
+def as_bool(value: Any, key: str) -> bool:
+    """A boolean config value, also when it comes from the command line as text.
+
+    ``monai.bundle run --resume false`` gives the string ``"false"``, which Python finds true; every boolean key of
+    the bundles goes through this function instead.
+
+    Args:
+        value: a bool, 0 or 1, or one of ``true/false/yes/no/1/0`` in any case.
+        key: the config key, for the error message.
+
+    Returns:
+        The boolean.
+
+    Raises:
+        ValueError: naming the key and the value when it is none of these.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ValueError(f"config key {key!r} = {value!r} is invalid: must be true or false (or yes/no, 1/0).")
+
+
+def check_output_dir(output_dir: str | os.PathLike, resume: Any, overwrite: Any) -> bool:
+    """Refuse to start a fresh training run in a folder that holds another one.
+
+    A folder holds a run when it has one of :py:data:`RUN_FILES`. Resuming continues it (and
+    :py:class:`monai_amat.handlers.TrainingCheckpoint` checks its settings); ``overwrite`` deletes those files first,
+    so the folder never mixes the old run's files with the new one's.
+
+    Args:
+        output_dir: the run's output folder.
+        resume: the ``resume`` config value.
+        overwrite: the ``overwrite`` config value.
+
+    Returns:
+        True, so configs can use it in an ``initialize`` expression.
+
+    Raises:
+        FileExistsError: naming the folder, its run files and the keys that decide, when neither key is set.
+        ValueError: when ``resume`` or ``overwrite`` is not a boolean.
+    """
+    resume, overwrite = as_bool(resume, "resume"), as_bool(overwrite, "overwrite")
+    folder = Path(output_dir)
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    if not found or resume:
+        return True
+    if not overwrite:
+        raise FileExistsError(
+            f"{folder} holds a training run ({', '.join(found)}): add --resume True to continue it, "
+            "--overwrite True to replace it, or choose another --output_dir."
+        )
+    for name in found:
+        (folder / name).unlink(missing_ok=True)  # every rank may get here; the first one deletes
+    logger.warning(f"--overwrite True: deleted the previous run's {found} in {folder}.")
+    return True
 
 
 def bundle_root(name: str) -> str:
@@ -99,9 +179,11 @@ def check_config(values: Mapping[str, Any]) -> bool:
     ``norm`` (``"l2"`` or ``"linf"``), ``batch_size`` (integer >= 1), ``learning_rate`` (> 0),
     ``data_source`` (``"embedded"`` or ``"real"``; ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0; logged,
     since it multiplies every eps-like key), ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z``
-    (finite), ``oversample_foreground``, ``eval_random_start``, ``breaking_eps``, ``masking_checks`` (booleans),
-    ``amp_dtype`` (``"float16"`` or ``"bfloat16"``: the autocast type with ``amp``), ``eval_attacks`` (distinct
-    names from :py:data:`EVAL_ATTACKS`; whether the bundle defines each is checked by :py:func:`select_attacks`).
+    (finite), ``seed`` / ``data_seed`` (integer >= 0), ``embedded_cases`` (integer >= 1), ``default_tau`` (in
+    [0, 1]), ``spatial_size`` (integers >= 1, multiples of ``spatial_multiple`` when given: what the network's
+    strides need), :py:data:`BOOL_KEYS` (booleans, also as text: :py:func:`as_bool`), ``amp_dtype`` (``"float16"`` or
+    ``"bfloat16"``: the autocast type with ``amp``), ``eval_attacks`` (distinct names from
+    :py:data:`EVAL_ATTACKS`; whether the bundle defines each is checked by :py:func:`select_attacks`).
 
     Args:
         values: ``{config key: value}``.
@@ -122,9 +204,26 @@ def check_config(values: Mapping[str, Any]) -> bool:
             raise bad(key, "must be a number")
         return float(v)
 
-    for key in ("epochs", "train_attack_steps", "attack_steps", "batch_size"):
+    for key in ("epochs", "train_attack_steps", "attack_steps", "batch_size", "embedded_cases"):
         if key in values and (number(key) != int(values[key]) or values[key] < 1):
             raise bad(key, "must be an integer >= 1")
+    for key in ("seed", "data_seed"):
+        if key in values and (number(key) != int(values[key]) or values[key] < 0):
+            raise bad(key, "must be an integer >= 0")
+    if "default_tau" in values and not 0 <= number("default_tau") <= 1:
+        raise bad("default_tau", "must be a Dice value in [0, 1]")
+    if "spatial_size" in values:
+        size, multiple = values["spatial_size"], int(values.get("spatial_multiple", 1))
+        if (
+            isinstance(size, str)
+            or not isinstance(size, Sequence)
+            or not size
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
+        ):
+            raise bad("spatial_size", "must be a list of integers >= 1, e.g. [64, 64]")
+        if any(v % multiple for v in size):
+            nearest = [max(multiple, v // multiple * multiple) for v in size]
+            raise bad("spatial_size", f"the network's strides need multiples of {multiple}, e.g. {nearest}")
     for key in ("delta", "train_alpha", "eval_alpha", "learning_rate", "eps_scale"):
         if key in values and not (number(key) > 0 and math.isfinite(values[key])):
             raise bad(key, "must be finite and > 0")
@@ -141,9 +240,9 @@ def check_config(values: Mapping[str, Any]) -> bool:
             check_eps_list(values[key], name=f"config key {key!r}")
     if "norm" in values and str(values["norm"]).lower() not in ("l2", "linf"):
         raise bad("norm", "must be 'l2' or 'linf'")
-    for key in ("oversample_foreground", "eval_random_start", "breaking_eps", "masking_checks"):
-        if key in values and not isinstance(values[key], bool):
-            raise bad(key, "must be True or False")
+    for key in BOOL_KEYS:
+        if key in values:
+            as_bool(values[key], key)
     if "eval_attacks" in values:
         names = values["eval_attacks"]
         if isinstance(names, str) or not isinstance(names, Sequence) or not names or len(set(names)) != len(names):
@@ -261,6 +360,40 @@ def image_files(folder: str | os.PathLike, patterns: Sequence[str] = ("*.nii.gz"
     if not files:
         raise FileNotFoundError(f"{folder}: no input images matching {list(patterns)}; set --input_dir.")
     return files
+
+
+def readable_images(files: Sequence[str], strict: bool = False) -> list[str]:
+    """The input images that load and hold only finite values; the others are named and skipped (or refused).
+
+    Each file is loaded once with MONAI's ``LoadImage`` before inference starts, so one truncated or corrupted file
+    does not abort the whole run half-way with an error that names no file.
+
+    Args:
+        files: the input images.
+        strict: refuse the run instead of skipping (the ``strict_inputs`` config value).
+
+    Returns:
+        The readable files, in order.
+
+    Raises:
+        ValueError: naming the file, with ``strict``; naming the folder's files when none is readable.
+    """
+    load, good = LoadImage(image_only=True), []
+    for f in files:
+        try:
+            bad = int((~torch.isfinite(torch.as_tensor(load(f)))).sum())
+            problem = f"{bad} NaN or inf value(s)" if bad else ""
+        except Exception as e:  # whatever the reader raises for a truncated or corrupted file
+            problem = f"cannot be read ({root_cause(e)})"
+        if not problem:
+            good.append(f)
+        elif strict:
+            raise ValueError(f"{f}: {problem} (strict_inputs is true).")
+        else:
+            logger.error(f"{f}: {problem}; skipped (strict_inputs true would stop the run).")
+    if not good:
+        raise ValueError(f"none of the {len(files)} input image(s) is readable, e.g. {files[:3]}.")
+    return good
 
 
 def select_attacks(names: Sequence[str], available: Mapping[str, Any]) -> dict[str, Any]:

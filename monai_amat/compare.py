@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from monai_amat.utils import atomic_write, read_json, write_json
+from monai_amat.utils import atomic_write, read_json, root_cause, write_json
 
 __all__ = [
     "CompareError",
@@ -69,6 +71,7 @@ RESERVED = {
     "ckpt_path": "it is set per stage (calibration reads DIR/std/model.pt, evaluation each run's model.pt)",
     "thresholds_file": "it is DIR/thresholds.json, written by the calibration stage",
     "resume": "interrupted trainings are resumed automatically",
+    "overwrite": "a training stage that runs afresh replaces its own unfinished attempt",
     "bundle_root": "it is the --bundle folder",
     "config_file": "the stages use the bundle's own configs",
     "args_file": "the runner writes one per stage",
@@ -84,6 +87,20 @@ EVAL_ONLY_KEYS = (
     "masking_checks",
     "breaking_eps",
 )
+# training keys that a model's trainer (and its calibration, for STD) does not use: a change of them leaves its
+# earlier result valid
+UNUSED_BY = {
+    "train_std": (
+        "delta",
+        "max_margin",
+        "beta",
+        "default_tau",
+        "train_attack_steps",
+        "train_alpha",
+        "sat_start_on_sphere",
+    ),
+    "train_sat": ("delta", "max_margin", "beta", "default_tau"),
+}
 # evaluation keys whose bundle defaults go into the evaluation records: a changed default re-evaluates
 EVAL_DEFAULT_KEYS = ("eval_attacks", "masking_checks", "breaking_eps")
 LOWER_IS_BETTER = ("mre", "error", "loss", "distance", "hausdorff")
@@ -289,10 +306,25 @@ class _Stage:
     output: Path
     model: ModelRun  # the model it trains or evaluates; the STD model a calibration reads
     tag: str = ""  # added to its record, args file and log names (per-seed calibrations share one folder)
+    unused: tuple[str, ...] = ()  # keys left out of its settings (and of an earlier record's, when comparing)
+
+    def same_settings(self, record: Mapping[str, Any] | None) -> bool:
+        """Whether an earlier record was written with this stage's settings (keys the stage does not use aside)."""
+        old = (record or {}).get("settings")
+        return isinstance(old, dict) and {k: v for k, v in old.items() if k not in self.unused} == self.settings
 
     @property
     def record(self) -> Path:
         return self.folder / f"compare_{self.kind}{self.tag}.json"
+
+
+def _unused(model: ModelRun) -> tuple[str, ...]:
+    """The training keys the model's configs do not use (see :py:data:`UNUSED_BY`)."""
+    return tuple(k for c in model.configs for k in UNUSED_BY.get(c, ()))
+
+
+def _used(settings: Mapping[str, Any], unused: Sequence[str]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in unused}
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -366,6 +398,7 @@ class Comparison:
         try:
             check_config(
                 {
+                    **self.overrides,  # every stage's settings, before the first stage runs
                     "eps_list": self.eps,
                     "sat_eps_list": self.sat_eps,
                     **{k: v for k, v in self.settings.items() if v is not None},
@@ -432,9 +465,10 @@ class Comparison:
                     m.run_dir,
                     m.configs,
                     {**common, **self.overrides, **m.overrides, "output_dir": str(m.run_dir)},
-                    _jsonable({**train_settings, **m.overrides}),
+                    _jsonable(_used({**train_settings, **m.overrides}, _unused(m))),
                     m.run_dir / "model.pt",
                     m,
+                    unused=_unused(m),
                 )
                 for m in models
             ]
@@ -451,10 +485,11 @@ class Comparison:
                     "output_dir": str(std.run_dir),
                     "ckpt_path": str(std.run_dir / "model.pt"),
                 },
-                _jsonable({**train_settings, **extra}),
+                _jsonable(_used({**train_settings, **extra}, _unused(std))),
                 thresholds,
                 std,
                 suffix,
+                unused=_unused(std),
             )
             evaluations = [
                 _Stage(
@@ -484,11 +519,12 @@ class Comparison:
             if stage.kind != "train":
                 continue
             record = _read_record(stage.record)
-            if record is None or record.get("settings") == stage.settings:
+            if record is None or stage.same_settings(record):
                 continue
             if not record.get("finished") and not (stage.folder / "checkpoint.pt").is_file():
                 continue  # it failed before its first epoch ended: nothing to keep, it starts afresh
-            old, new = record.get("settings", {}), stage.settings
+            old = _used(record.get("settings", {}), stage.unused)
+            new = stage.settings
             diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
             changes = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
             raise CompareError(
@@ -499,7 +535,7 @@ class Comparison:
     def _status(self, stage: _Stage) -> str:
         """``"done"``, ``"resume"`` or ``"run"``."""
         record = _read_record(stage.record)
-        finished = bool(record and record.get("finished") and record.get("settings") == stage.settings)
+        finished = bool(record and record.get("finished") and stage.same_settings(record))
         if stage.kind == "train":
             if finished and stage.output.is_file():
                 return "done"
@@ -563,8 +599,8 @@ class Comparison:
             partial = max(0.0, ckpt.stat().st_mtime - record.get("started", 0))  # up to its last epoch end
             before = float(record.get("seconds_before", 0.0)) + partial
         args = {"config_file": [str(self.bundle_dir / "configs" / f"{c}.json") for c in stage.configs], **stage.args}
-        if stage.kind == "train":
-            args["resume"] = resume
+        if stage.kind == "train":  # a stage that runs afresh replaces its own unfinished attempt
+            args["resume"], args["overwrite"] = resume, not resume
         stage.folder.mkdir(parents=True, exist_ok=True)
         args_file = stage.folder / f"compare_{stage.kind}{stage.tag}_args.json"
         write_json(args_file, args)
@@ -588,7 +624,7 @@ class Comparison:
                 run(args_file=str(args_file))
             except Exception as e:
                 raise StageError(
-                    f"{stage.label} failed: {_root_cause(e)}. Run the same command again to go on from there."
+                    f"{stage.label} failed: {root_cause(e)}. Run the same command again to go on from there."
                 ) from e
         else:
             log = stage.folder / f"compare_{stage.kind}{stage.tag}.log"
@@ -609,19 +645,23 @@ class Comparison:
         return seconds
 
 
-def _root_cause(error: BaseException) -> str:
-    """The innermost message of an exception chain (MONAI's config parser wraps the error that matters)."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__  # type: ignore[assignment]
-    return f"{type(error).__name__}: {error}"
+def _die_with_parent() -> None:
+    """In the child, before it runs: SIGTERM when the runner dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _stream(cmd: Sequence[str], log: Path, out: TextIO | None = None) -> int:
-    """Run ``cmd``, showing its output (progress bars included) as it comes and keeping a copy in ``log``."""
+    """Run ``cmd``, showing its output (progress bars included) as it comes and appending a copy to ``log``."""
     out = out or sys.stdout
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as p:
+    kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+    with (
+        open(log, "ab") as f,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **kwargs) as p,
+    ):
         assert p.stdout is not None
+        # an earlier attempt's output stays above this line
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
         while chunk := p.stdout.read1(65536):
             f.write(chunk)
             buffer = getattr(out, "buffer", None)
@@ -1280,6 +1320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success, 1 when a stage failed (argument errors exit with status 2, argparse style).
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = [token[2:].partition("=")[0] for token in argv if token.startswith("--") and len(token) > 2]
+    repeated = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+    if repeated:  # argparse would keep the last one silently
+        parser.error(f"argument --{repeated[0]}: given twice")
     args, extra = parser.parse_known_args(argv)
     passthrough = _parse_overrides(extra, parser)
     overrides: dict[str, Any] = {}

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import torch.distributed as dist
 
-__all__ = ["atomic_write", "write_json", "read_json", "is_rank0"]
+__all__ = ["atomic_write", "write_json", "read_json", "is_rank0", "root_cause"]
 
 
 def is_rank0() -> bool:
@@ -97,3 +97,17 @@ def read_json(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict:
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}.")
     return data
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost message of an exception chain (MONAI's config parser and transforms wrap the error that matters).
+
+    Args:
+        error: the exception caught.
+
+    Returns:
+        ``"Type: message"`` of the innermost exception.
+    """
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return f"{type(error).__name__}: {error}"

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import warnings
 import xml.etree.ElementTree as ET
@@ -11,6 +12,7 @@ from monai_amat.data import (
     BCCD_CLASSES,
     BCCD_SOURCES,
     bccd_datalist,
+    bccd_sets,
     find_bccd_root,
     make_embedded_bccd,
     read_voc_annotation,
@@ -280,3 +282,17 @@ def test_missing_root(tmp_path):
             bccd_datalist(folder, "train")
         assert "JPEGImages" in str(err.value) and BCCD_SOURCES in str(err.value)
     assert "https://github.com/Shenggan/BCCD_Dataset" in BCCD_SOURCES and "MIT" in BCCD_SOURCES
+
+
+def test_truncated_image_and_a_training_split_without_boxes_are_named(copy):
+    stem = _stems(copy, "train")[0]
+    image = copy / "JPEGImages" / f"{stem}.jpg"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(image))} .*not a readable image"):
+        bccd_datalist(copy, "train")
+    image.write_bytes(data)
+    for xml in (copy / "Annotations").glob("*.xml"):
+        _edit(xml, lambda root: [root.remove(o) for o in root.findall("object")])
+    with pytest.raises(ValueError, match=r"training image\(s\) of ImageSets/Main/train.txt hold no box"):
+        bccd_sets("real", dataset_dir=copy)

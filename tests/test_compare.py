@@ -106,6 +106,10 @@ def test_compare_runs_skips_resumes_and_reevaluates(tmp_path, capsys, one_thread
         main(tiny_args(tmp_path, out, "--in_process", "--learning_rate", "0.01"))
     assert info.value.code == 2 and "trained with other settings (learning_rate" in capsys.readouterr().err
     assert run_files(out) == before
+    # an AMAT-only setting changed: AMAT is named, not STD (which does not use it)
+    with pytest.raises(SystemExit) as info:
+        main(tiny_args(tmp_path, out, "--in_process", "--beta", "0.3"))
+    assert f"{out / 'amat'} was trained with other settings (beta: None then, 0.3 now)" in capsys.readouterr().err
 
     # an interrupted AMAT training (record unfinished, checkpoint.pt left): resumed, then re-evaluated
     record = json.loads((out / "amat" / "compare_train.json").read_text())
@@ -123,6 +127,13 @@ def test_compare_runs_skips_resumes_and_reevaluates(tmp_path, capsys, one_thread
     assert main([*args, "--eps_list", "[0, 3]"]) == 0
     assert json.loads((out / "comparison.json").read_text())["eps"] == [0, 3]
     assert all(after[p] == p.stat().st_mtime_ns for p in after if p.name == "model.pt")
+
+    # a training killed before its record was written (its model.pt and checkpoint.pt left): trained afresh over
+    # its own folder, which the bundle allows only with overwrite
+    (out / "sat_1" / "compare_train.json").unlink()
+    assert main([*args, "--eps_list", "[0, 3]"]) == 0
+    assert "SAT-1 training -> sat_1/model.pt\n" in capsys.readouterr().out
+    assert json.loads((out / "sat_1" / "compare_train_args.json").read_text())["overwrite"] is True
 
     # the default runner: one `python -m monai.bundle run` process per stage, its output shown and logged
     (out / "sat_4" / "robustness.json").unlink()
@@ -313,10 +324,19 @@ def test_tables_and_plot_from_robustness_files(tmp_path):
         (["--seeds", "[1.5]"], "argument --seeds: expected a list of distinct integers >= 0"),
         (["--seeds", "3"], "argument --seeds: expected a list of distinct integers >= 0"),
         (["--seeds", "[0, 1]", "--seed", "2"], "argument --seeds: give the seeds with --seeds only"),
+        # AMAT-only and SAT-only settings are checked before the STD stage runs
+        (["--beta", "1.5"], "config key 'beta' = 1.5 is invalid"),
+        (["--delta", "0"], "config key 'delta' = 0 is invalid"),
+        (["--train_alpha", "abc"], "config key 'train_alpha' = 'abc' is invalid"),
+        (["--skip_non_finite", "maybe"], "config key 'skip_non_finite' = 'maybe' is invalid"),
+        (["--output_dir", "elsewhere"], "argument --output_dir: given twice"),
+        (["--epochs", "1", "--epochs=2"], "argument --epochs: given twice"),
     ],
 )
 def test_argument_errors_name_the_argument(tmp_path, capsys, extra, message):
     args = ["--bundle", str(BUNDLE), "--output_dir", str(tmp_path / "cmp"), "--in_process"]
+    if extra[0] == "--bundle":
+        args = args[2:]
     with pytest.raises(SystemExit) as info:
         main([*args, *extra])
     assert info.value.code == 2
@@ -331,3 +351,39 @@ def test_help():
     )
     assert proc.stdout.startswith("usage: python -m monai_amat.compare --bundle BUNDLE --output_dir DIR")
     assert "[--KEY VALUE ...]" in proc.stdout and "--attack_steps K" in proc.stdout
+
+
+def _processes_with(text):
+    """The PIDs whose command line contains ``text``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_runner_stops_its_stage_and_the_retry_keeps_the_log(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "monai_amat.compare", *tiny_args(tmp_path, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args_file = str(out / "std" / "compare_train_args.json")
+    deadline = time.time() + 120
+    while not (children := _processes_with(args_file)) and time.time() < deadline and runner.poll() is None:
+        time.sleep(0.2)
+    assert children, "the STD stage never started"
+    runner.kill()
+    runner.wait(timeout=30)
+    deadline = time.time() + 30
+    while _processes_with(args_file) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with(args_file)  # the stage's `monai.bundle run` died with the runner
+
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "std" / "compare_train.log").read_text()
+    assert log.count("--- ") == 2 and log.count("monai.bundle run --args_file") == 2  # both attempts kept

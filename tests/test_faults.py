@@ -45,6 +45,13 @@ BAD_VALUES = [
     ({"epochs": 0}, ["train", "train_std"], "epochs"),
     ({"max_margin": 0.5, "delta": 1.0}, ["train"], "max_margin"),
     ({"amp_dtype": "float64"}, ["train", "evaluate"], "amp_dtype"),
+    ({"spatial_size": [0, 0]}, ["train"], "spatial_size"),
+    ({"spatial_size": [0, 0]}, ["train", "evaluate"], "spatial_size"),
+    ({"seed": "abc"}, ["train", "train_sat"], "seed"),
+    ({"seed": -1}, ["train", "train_std"], "seed"),
+    ({"embedded_cases": 0}, ["train", "calibrate"], "embedded_cases"),
+    ({"skip_non_finite": "flase"}, ["train"], "skip_non_finite"),
+    ({"resume": "ture"}, ["train"], "resume"),
 ]
 
 

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import struct
 import warnings
@@ -244,3 +245,20 @@ def test_split_fallback(embedded):
         assert [len(split[k]) for k in ("train", "val", "test")] == sizes
     with pytest.raises(ValueError):
         isbi2015_split([])
+
+
+def test_landmarks_outside_the_image_and_truncated_images_are_named(copy):
+    ann = copy / "400_senior" / "003.txt"
+    lines = ann.read_text().splitlines()
+    lines[6] = "-500,9000"  # landmark 7; the mean with the junior doctor's point is outside too
+    ann.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ValueError, match=r"003\.txt.*landmark\(s\) \[7\] at \[\(.*\)\] lie outside the 160 x 200 image"
+    ):
+        isbi2015_datalist(copy, ids=[3])
+    isbi2015_datalist(copy, ids=[4])  # the others are fine
+    image = next((copy / "RawImage").rglob("004.bmp"))
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(image))}: not a readable image"):
+        isbi2015_datalist(copy, ids=[4])

@@ -114,7 +114,9 @@ def _amat(
 
 
 def test_amat_margins_move_as_the_rule_says(tmp_path):
-    n, epochs, delta, max_margin = 8, 4, 0.5, 1.25
+    # margins small enough that some samples hold under attack and some fall, at any thread count (delta 0.5 had
+    # every sample fall with one torch thread)
+    n, epochs, delta, max_margin = 8, 4, 0.1, 0.3
     trainer, handler, _ = _amat(tmp_path, n, epochs, delta, max_margin, tau=None)
     rec = Recorder(handler)
     rec.attach(trainer)

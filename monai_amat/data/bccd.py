@@ -103,8 +103,8 @@ def read_voc_annotation(
 ) -> dict[str, Any]:
     """Read one Pascal VOC annotation file and check it against its image.
 
-    The image is ``images_dir/<filename>`` (the file name of the XML's ``<filename>``); its size is read from the
-    image header with Pillow (the pixels are not decoded) and must equal the XML's ``<size>`` (when the XML has no
+    The image is ``images_dir/<filename>`` (the file name of the XML's ``<filename>``); it is decoded once with
+    Pillow (so a truncated file is named here) and its size must equal the XML's ``<size>`` (when the XML has no
     ``<size>``, or a zero one, as some VOC tools write, the image's size is used). ``<difficult>`` objects are kept.
 
     Boxes running past the image border are clipped to it (``[0, width] x [0, height]``) and boxes of zero or
@@ -147,6 +147,7 @@ def read_voc_annotation(
     try:
         with Image.open(image) as im:
             width, height = im.size
+            im.load()  # decode once: a truncated JPEG is named here, not deep in the data loader
     except OSError as e:
         raise ValueError(f"{image} (the image of {xml_path}): not a readable image ({type(e).__name__}: {e}).") from e
     size_element = root.find("size")

@@ -44,7 +44,8 @@ def bccd_sets(
         an ``"index"``.
 
     Raises:
-        ValueError: for an unknown ``data_source`` or a missing folder argument.
+        ValueError: for an unknown ``data_source`` or a missing folder argument, or a training split without any
+            box; :py:func:`monai_amat.data.bccd_datalist`'s errors for bad files.
     """
     root = data_root(
         data_source,
@@ -54,6 +55,11 @@ def bccd_sets(
         "the BCCD folder holding JPEGImages/",
     )
     sets = {split: bccd_datalist(root, split, class_map) for split in ("train", "val", "test")}
+    if not any(len(item["boxes"]) for item in sets["train"]):
+        raise ValueError(
+            f"BCCD data set {root}: the {len(sets['train'])} training image(s) of ImageSets/Main/train.txt hold no box "
+            "at all; a detector cannot learn from them."
+        )
     sets["train"] = add_sample_index(sets["train"])
     return sets
 

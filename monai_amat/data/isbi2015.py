@@ -139,6 +139,20 @@ def read_isbi2015_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}).") from e
 
 
+def _check_inside(landmarks: np.ndarray, shape: tuple[int, ...], files: Sequence[Path]) -> None:
+    """Refuse landmarks outside the image (``shape`` = ``(height, width)``), naming the annotation files."""
+    height, width = shape[:2]
+    outside = np.flatnonzero(
+        (landmarks[:, 0] < 0) | (landmarks[:, 0] > width) | (landmarks[:, 1] < 0) | (landmarks[:, 1] > height)
+    )
+    if outside.size:
+        points = [tuple(round(float(v), 1) for v in landmarks[i]) for i in outside]
+        raise ValueError(
+            f"{', '.join(map(str, files))}: landmark(s) {[int(i) + 1 for i in outside]} at {points} lie outside the "
+            f"{width} x {height} image."
+        )
+
+
 def _annotation_dir(root: Path, doctor: str) -> tuple[Path | None, list[Path]]:
     """A doctor's annotation folder (``400_<doctor>`` or ``AnnotationsByMD/400_<doctor>``), and the paths tried."""
     tried = [root / f"400_{doctor}", root / "AnnotationsByMD" / f"400_{doctor}"]
@@ -186,7 +200,8 @@ def isbi2015_datalist(
 
     Raises:
         ValueError: when ``use_doctors`` is not one of the three choices, an id is not a positive integer or repeats,
-            or an annotation file is malformed (see :py:func:`read_annotation`).
+            an annotation file is malformed (see :py:func:`read_annotation`), an image cannot be read (a truncated
+            BMP: every image is decoded once here), or a landmark lies outside its image.
         FileNotFoundError: when the data set is not found, or images or annotation files (or a doctor's whole
             annotation folder) are missing: the message lists all of them and, with ``use_doctors="both"`` and
             missing annotations, says how to use one doctor only.
@@ -224,6 +239,7 @@ def isbi2015_datalist(
         if image is None or absent or len(files) < len(doctors):
             continue
         landmarks = np.mean([read_annotation(f) for f in files], axis=0).astype(np.float32)
+        _check_inside(landmarks, read_isbi2015_image(image).shape, files)
         items.append({"image": str(image), "landmarks": landmarks, "id": case_id, "spacing": PIXEL_SPACING_MM})
     if missing:
         listed = "\n  ".join(missing)

@@ -11,8 +11,9 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Normalize
 
 from monai_amat.data.msd import check_case, make_embedded_msd, read_msd, split_cases
 from monai_amat.data.utils import add_sample_index, data_root
+from monai_amat.utils import root_cause
 
-__all__ = ["volume_transforms", "volume_slices", "msd_slices"]
+__all__ = ["volume_transforms", "volume_slices", "check_volume", "msd_slices"]
 
 
 def volume_transforms(spatial_size: Sequence[int], keys: Sequence[str] = ("image", "label")) -> Compose:
@@ -28,31 +29,84 @@ def volume_transforms(spatial_size: Sequence[int], keys: Sequence[str] = ("image
     Returns:
         The composed transform.
     """
+    return Compose([*_loading(keys), *_resampling(spatial_size, keys)])
+
+
+def _loading(keys: Sequence[str]) -> list:
+    return [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)]
+
+
+def _resampling(spatial_size: Sequence[int], keys: Sequence[str]) -> list:
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-    return Compose(
-        [
-            LoadImaged(keys, image_only=True),
-            EnsureChannelFirstd(keys),
-            NormalizeIntensityd("image", channel_wise=True),
-            Resized(keys, spatial_size=(*spatial_size, -1), mode=modes, anti_aliasing=False),
-        ]
-    )
+    return [
+        NormalizeIntensityd("image", channel_wise=True),
+        Resized(keys, spatial_size=(*spatial_size, -1), mode=modes, anti_aliasing=False),
+    ]
 
 
-def volume_slices(cases: Sequence[dict[str, str]], spatial_size: Sequence[int]) -> list[dict[str, Any]]:
-    """Every axial slice of every case as a 2D sample.
+def check_volume(path: str, array: Any, label: bool = False, num_classes: int | None = None) -> None:
+    """Refuse an image or label map with NaN/inf voxels, or a label map whose values are not class indices.
+
+    One NaN voxel would turn the whole volume into NaN after the per-volume z-score, and every score computed on it
+    into 0, without an error; a label value outside the classes fails much later in a one-hot without naming the file,
+    and a value 0.5 would be truncated to background.
+
+    Args:
+        path: the file, for the message.
+        array: its voxels.
+        label: the file is a label map: its values must be integers >= 0.
+        num_classes: for a label map, the number of labels ``dataset.json`` declares (background included), which
+            its values must stay below; None: no upper bound.
+
+    Raises:
+        ValueError: naming the file, the number of bad voxels and example values.
+    """
+    values = np.asarray(array)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} voxel(s) are NaN or inf; fix or remove this file.")
+    if not label:
+        return
+    bad = (values != np.round(values)) | (values < 0) | (values >= (num_classes or np.inf))
+    if bad.any():
+        classes = f"integers 0..{num_classes - 1}" if num_classes else "integers >= 0"
+        examples = np.unique(values[bad])[:5].tolist()
+        raise ValueError(
+            f"{path}: {int(bad.sum())} voxel(s) are not a label of dataset.json ({classes}), e.g. {examples}."
+        )
+
+
+def volume_slices(
+    cases: Sequence[dict[str, str]], spatial_size: Sequence[int], num_classes: int | None = None
+) -> list[dict[str, Any]]:
+    """Every axial slice of every case as a 2D sample; every file is checked as it is read.
 
     Args:
         cases: ``{"image", "label", "case"}`` dicts (paths).
         spatial_size: the in-plane size ``(H, W)``.
+        num_classes: the labels ``dataset.json`` declares, background included (checked in every label map; None
+            checks only that labels are non-negative integers).
 
     Returns:
         ``{"image": (C, H, W) float32, "label": (1, H, W) float32, "case": name, "slice": k}`` dicts, cases in order.
+
+    Raises:
+        ValueError: naming the file that cannot be read (e.g. a truncated ``.nii.gz``), has NaN/inf voxels, or has
+            label values that are not class indices.
     """
-    transform = volume_transforms(spatial_size)
+    loaders = {key: Compose(_loading([key])) for key in ("image", "label")}
+    resample = Compose(_resampling(spatial_size, ("image", "label")))
     out = []
     for case in cases:
-        volume = transform({"image": case["image"], "label": case["label"]})
+        volume = {}
+        for key, load in loaders.items():
+            try:
+                volume.update(load({key: case[key]}))
+            except Exception as e:  # MONAI's error does not name the file (e.g. EOFError of a truncated .nii.gz)
+                raise ValueError(f"{case[key]} cannot be read ({root_cause(e)}).") from e
+        check_volume(case["image"], volume["image"])
+        check_volume(case["label"], volume["label"], label=True, num_classes=num_classes)
+        volume = resample(volume)
         image = np.asarray(volume["image"], dtype=np.float32)
         label = np.asarray(volume["label"], dtype=np.float32)
         for k in range(image.shape[-1]):
@@ -99,7 +153,8 @@ def msd_slices(
 
     Raises:
         ValueError: for an unknown ``data_source`` or a missing folder argument; the MSD reader's errors for bad
-            data.
+            data; a file that cannot be read, or with NaN/inf voxels or labels outside ``dataset.json``'s
+            (:py:func:`volume_slices`).
     """
     root = data_root(
         data_source,
@@ -113,9 +168,9 @@ def msd_slices(
         check_case(case)
     train, val, test = split_cases(dataset.cases, num_folds=num_folds, fold=fold, seed=seed)
     return {
-        "train": add_sample_index(volume_slices(train, spatial_size)),
-        "val": volume_slices(val, spatial_size),
-        "test": volume_slices(test, spatial_size),
+        "train": add_sample_index(volume_slices(train, spatial_size, len(dataset.labels))),
+        "val": volume_slices(val, spatial_size, len(dataset.labels)),
+        "test": volume_slices(test, spatial_size, len(dataset.labels)),
         "in_channels": len(dataset.modalities),
         "out_channels": len(dataset.labels),
         "labels": dataset.labels,

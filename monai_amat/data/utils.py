@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_amat.utils import read_json, write_json
+from monai_amat.utils import _umask, read_json, write_json
 
 EMBEDDED_MARKER = "embedded.json"
 
@@ -64,6 +64,7 @@ def move_into_place(tmp: Path, out_dir: Path, is_same: Callable[[], bool]) -> No
     """
     if out_dir.exists() and is_same():
         return
+    os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would make it, not mkdtemp's 0700
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
         os.replace(out_dir, old)

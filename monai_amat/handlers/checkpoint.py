@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import warnings
@@ -196,6 +197,9 @@ class TrainingCheckpoint:
         filename: the checkpoint file name.
         bundle: the bundle name recorded in (and checked against) the checkpoint.
         num_samples: the number of training samples, recorded and checked likewise.
+        settings: ``{config key: value}`` of the training settings a resumed run must share with the checkpoint
+            (input size, network widths, delta, ...): recorded, and on resume every difference is listed in the
+            error. Keys the checkpoint does not record are not compared.
     """
 
     def __init__(
@@ -206,11 +210,14 @@ class TrainingCheckpoint:
         filename: str = "checkpoint.pt",
         bundle: str = "",
         num_samples: int = 0,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = Path(output_dir) / filename
         self.objects = {name: obj for name, obj in objects.items() if obj is not None}
         self.resume = bool(resume)
         self.meta = {"bundle": str(bundle), "num_samples": int(num_samples)}
+        # JSON-like values (tuples as lists), as the checkpoint gives them back
+        self.settings = json.loads(json.dumps(dict(settings or {}), default=str))
         self.generators: list[np.random.RandomState | torch.Generator] = []
 
     def attach(self, engine: Engine) -> None:
@@ -244,7 +251,7 @@ class TrainingCheckpoint:
         if not is_rank0():
             return
         state = {name: _unwrap(obj).state_dict() for name, obj in self.objects.items()}
-        state["meta"] = dict(self.meta)
+        state["meta"] = {**self.meta, "settings": self.settings}
         state["rng"] = states
         with atomic_write(self.path, "wb") as f:
             torch.save(state, f)
@@ -256,12 +263,16 @@ class TrainingCheckpoint:
             engine: the trainer.
 
         Raises:
-            ValueError: when the checkpoint belongs to another bundle or data set size, or lacks an object.
+            ValueError: when the checkpoint belongs to another bundle or data set size, was written with other
+                training settings, lacks an object, or cannot be read (each names the file).
         """
         if not self.path.is_file():
             warnings.warn(f"--resume True but {self.path} does not exist (yet): starting from scratch.", stacklevel=2)
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, corrupted, or not a checkpoint: torch's message does not name the file
+            raise ValueError(f"{self.path} cannot be read as a checkpoint ({type(e).__name__}: {e}).") from e
         meta = state.get("meta", {})
         for key, mine in self.meta.items():
             if mine and meta.get(key) != mine:
@@ -269,12 +280,22 @@ class TrainingCheckpoint:
                     f"{self.path} was written for {key} {meta.get(key)!r}, this run has {mine!r}: "
                     "it comes from another bundle or data set; use another output_dir."
                 )
+        saved = meta.get("settings", {})
+        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in self.settings.items() if k in saved and saved[k] != v]
+        if changed:
+            raise ValueError(
+                f"{self.path} was written with other training settings ({'; '.join(changed)}): resume with the "
+                "checkpoint's settings, or start a fresh run (--overwrite True, or another output_dir)."
+            )
         missing = [name for name in self.objects if name not in state]
         if missing:
             raise ValueError(f"{self.path} lacks {missing}.")
         max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         for name, obj in self.objects.items():
-            _unwrap(obj).load_state_dict(state[name])
+            try:
+                _unwrap(obj).load_state_dict(state[name])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise ValueError(f"{self.path}: its {name!r} does not fit this run: {e}") from e
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
         if epoch_length and engine.state.epoch_length != epoch_length:
             # another number of processes or batch size: the saved epochs are complete, count them in this run's
