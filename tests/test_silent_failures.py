@@ -18,6 +18,7 @@ from monai.bundle import ConfigParser, run
 from monai_amat.bundle import BOOL_KEYS, RUN_FILES, as_bool, check_config
 from monai_amat.data.msd import make_embedded_msd
 from monai_amat.data.segmentation import msd_slices
+from monai_amat.data.utils import move_into_place
 from monai_amat.handlers.checkpoint import TrainingCheckpoint
 from tests.test_bundles_seg import ROOT, chain, configs, tiny
 
@@ -192,3 +193,21 @@ def test_inference_names_and_skips_an_unreadable_input(tmp_path, capsys):
         )
     assert f"{inputs[1]}: cannot be read (EOFError" in chain(info) and "strict_inputs is true" in chain(info)
     assert not (tmp_path / "p2").exists()
+
+
+def test_a_data_set_another_rank_just_put_in_place_is_kept(tmp_path, monkeypatch):
+    """Two ranks generate the embedded set at once: the slower one must not replace the set the other is reading."""
+    out, mine, theirs = tmp_path / "set", tmp_path / ".set.mine", tmp_path / ".set.theirs"
+    for folder in (mine, theirs):
+        folder.mkdir()
+        (folder / "marker.txt").write_text(folder.name)
+    chmod = os.chmod
+
+    def other_rank_finishes_first(path, mode):  # between the slower rank's checks
+        chmod(path, mode)
+        if not out.exists():
+            os.rename(theirs, out)
+
+    monkeypatch.setattr(os, "chmod", other_rank_finishes_first)
+    move_into_place(mine, out, lambda: (out / "marker.txt").is_file())
+    assert (out / "marker.txt").read_text() == ".set.theirs"  # left in place, not moved away and deleted

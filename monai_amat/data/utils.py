@@ -62,10 +62,10 @@ def move_into_place(tmp: Path, out_dir: Path, is_same: Callable[[], bool]) -> No
     Raises:
         OSError: when the rename fails for another reason.
     """
-    if out_dir.exists() and is_same():
-        return
     os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would make it, not mkdtemp's 0700
     if out_dir.exists():
+        if is_same():  # checked here, just before replacing: another rank may have just put the same set in place
+            return
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
         os.replace(out_dir, old)
         shutil.rmtree(old)
