@@ -330,13 +330,18 @@ def load_model(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Mo
 
     Raises:
         FileNotFoundError: when the file is missing (train first, or set ``ckpt_path``).
-        RuntimeError: when the state dict does not fit the network (names the file).
+        RuntimeError: when the file cannot be read (truncated, corrupted) or its state dict does not fit the
+            network (names the file).
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no model to load; train first (train.json) or set --ckpt_path.")
     device = next(network.parameters()).device
     try:
-        network.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or not a state dict: torch's message does not name the file
+        raise RuntimeError(f"{path} cannot be read as a model state dict ({root_cause(e)}).") from e
+    try:
+        network.load_state_dict(state)
     except RuntimeError as e:
         raise RuntimeError(f"{path} does not fit the configured network: {e}") from e
     return network

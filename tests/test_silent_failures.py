@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, run
 
-from monai_amat.bundle import BOOL_KEYS, RUN_FILES, as_bool, check_config
+from monai_amat.bundle import BOOL_KEYS, RUN_FILES, as_bool, check_config, load_model
 from monai_amat.data.msd import make_embedded_msd
 from monai_amat.data.segmentation import msd_slices
 from monai_amat.data.utils import move_into_place
@@ -211,3 +211,12 @@ def test_a_data_set_another_rank_just_put_in_place_is_kept(tmp_path, monkeypatch
     monkeypatch.setattr(os, "chmod", other_rank_finishes_first)
     move_into_place(mine, out, lambda: (out / "marker.txt").is_file())
     assert (out / "marker.txt").read_text() == ".set.theirs"  # left in place, not moved away and deleted
+
+
+def test_a_truncated_model_file_is_named(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    data = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeError, match=rf"{re.escape(str(tmp_path / 'model.pt'))} cannot be read as a model"):
+        load_model(net, tmp_path / "model.pt")
