@@ -655,23 +655,22 @@ def _stream(cmd: Sequence[str], log: Path, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-    with (
-        open(log, "ab") as f,
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **kwargs) as p,
-    ):
-        assert p.stdout is not None
+    with open(log, "ab") as f:
         # an earlier attempt's output stays above this line
         f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
-        while chunk := p.stdout.read1(65536):
-            f.write(chunk)
-            buffer = getattr(out, "buffer", None)
-            if buffer is not None:
-                buffer.write(chunk)
-                buffer.flush()
-            else:
-                out.write(chunk.decode(errors="replace"))
-                out.flush()
-        return p.wait()
+        f.flush()
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **kwargs) as p:
+            assert p.stdout is not None
+            while chunk := p.stdout.read1(65536):
+                f.write(chunk)
+                buffer = getattr(out, "buffer", None)
+                if buffer is not None:
+                    buffer.write(chunk)
+                    buffer.flush()
+                else:
+                    out.write(chunk.decode(errors="replace"))
+                    out.flush()
+            return p.wait()
 
 
 def load_model_result(run_dir: str | os.PathLike, name: str) -> dict[str, Any]:
