@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 13's GPU checks as one prepared run for a lent GPU machine (the `device` tool: 15 minutes in all).
+#
+# Here, once, in the repository root (the GPU machine has torch and torchvision, not these):
+#   echo /.whl/ >> .git/info/exclude
+#   for p in monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 fire==0.7.1 termcolor==3.3.0 torchattacks==3.5.1; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 --platform any -d .whl "$p"; done
+# Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590). Everything lands in $OUT:
+# device.txt, tests.log (with tracebacks), core_fp32.json, core_amp.json, heart_{fp32,fp16,bf16}.json, main_job.log.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH="/tmp/site:$PWD"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, monai;
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'monai', monai.__version__)"; } > "$OUT/device.txt" 2>&1
+
+# 1. the suite on a GPU machine (target 6), with the tracebacks this time
+timeout 240 python3 -m pytest -q --tb=short -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
+echo "pytest exit $?" >> "$OUT/tests.log"
+
+# 2. PGD vs torchattacks, criterion cost, AMAT vs SAT memory (targets 2, 3)
+timeout 90 python3 benchmarks/bench_core.py --device cuda --repeats 5 > "$OUT/core_fp32.json" 2>&1
+timeout 90 python3 benchmarks/bench_core.py --device cuda --repeats 5 --amp > "$OUT/core_amp.json" 2>&1
+
+# 3. paper-scale Heart epochs: float32, float16 and bfloat16 autocast (targets 1, 5)
+heart=(--bundle msd_heart_seg_amat --rounds 3 --spatial_size "[320,256]" --filters "[32,64,128,256,320,320]"
+  --batch_size 16 --embedded_cases 8)
+timeout 100 python3 benchmarks/bench_bundle_epoch.py "${heart[@]}" > "$OUT/heart_fp32.json" 2>&1
+timeout 100 python3 benchmarks/bench_bundle_epoch.py "${heart[@]}" --amp True > "$OUT/heart_fp16.json" 2>&1
+timeout 100 python3 benchmarks/bench_bundle_epoch.py "${heart[@]}" --amp True --amp_dtype bfloat16 \
+  > "$OUT/heart_bf16.json" 2>&1
+
+# 4. the README's main job (target 4: <= 60 s)
+start=$(date +%s)
+timeout 120 python3 -m monai.bundle run --config_file bundles/msd_hippocampus_seg_amat/configs/train.json \
+  --output_dir /tmp/main_job > "$OUT/main_job.log" 2>&1
+echo "main job training: exit $?, $(($(date +%s) - start)) s" >> "$OUT/main_job.log"
+tail -n 3 "$OUT"/*.json "$OUT/main_job.log"
