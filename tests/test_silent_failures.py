@@ -157,7 +157,14 @@ def test_embedded_data_folders_get_the_umask_permissions(tmp_path):
     assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
 
 
-@pytest.mark.parametrize("bundle, size", [("msd_heart_seg_amat", [18, 18]), ("isbi2015_ceph_landmark_amat", [17, 24])])
+@pytest.mark.parametrize(
+    "bundle, size",
+    [
+        ("msd_heart_seg_amat", [18, 18]),
+        ("isbi2015_ceph_landmark_amat", [17, 24]),
+        ("bccd_cell_detection_amat", [40, 48]),
+    ],
+)
 def test_a_spatial_size_the_strides_cannot_divide_is_refused_by_name(bundle, size, tmp_path):
     with pytest.raises(Exception) as info:
         run(config_file=configs(bundle, "train"), output_dir=str(tmp_path / "out"), **tiny(tmp_path, spatial_size=size))
