@@ -11,22 +11,26 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from monai.handlers import EarlyStopHandler, LrScheduleHandler, ValidationHandler
+
+from monai_amat.handlers import MarginHandler
 from monai_amat.utils import is_rank0
 
 __all__ = ["EVERY_RANK", "NullSummaryWriter", "main_rank_handlers", "rank0_summary_writer"]
 
-EVERY_RANK = ("LrScheduleHandler", "ValidationHandler", "EarlyStopHandler", "MarginHandler")
+# the handlers every rank needs (subclasses too); a handler with an attribute ``every_rank = True`` counts as well
+EVERY_RANK: tuple[type, ...] = (LrScheduleHandler, ValidationHandler, EarlyStopHandler, MarginHandler)
 
 
-def main_rank_handlers(handlers: Iterable[Any] | None, every_rank: Sequence[str] = EVERY_RANK) -> list[Any]:
+def main_rank_handlers(handlers: Iterable[Any] | None, every_rank: Sequence[type] = EVERY_RANK) -> list[Any]:
     """The handlers this rank attaches.
 
-    All of them on rank 0 (or without ``torch.distributed``); on the other ranks only those whose class is named in
-    ``every_rank``.
+    All of them on rank 0 (or without ``torch.distributed``); on the other ranks only those that change the training:
+    instances of ``every_rank`` (subclasses included) and handlers whose ``every_rank`` attribute is True.
 
     Args:
         handlers: the config's handler list (None: no handlers).
-        every_rank: class names of the handlers every rank needs.
+        every_rank: the handler classes every rank needs.
 
     Returns:
         A new list of handlers.
@@ -34,7 +38,7 @@ def main_rank_handlers(handlers: Iterable[Any] | None, every_rank: Sequence[str]
     handlers = list(handlers or [])
     if is_rank0():
         return handlers
-    return [h for h in handlers if type(h).__name__ in every_rank]
+    return [h for h in handlers if isinstance(h, tuple(every_rank)) or getattr(h, "every_rank", False) is True]
 
 
 class NullSummaryWriter:

@@ -12,12 +12,27 @@ from typing import IO, Any
 
 import torch.distributed as dist
 
-__all__ = ["atomic_write", "write_json", "read_json", "is_rank0", "root_cause"]
+__all__ = ["atomic_write", "write_json", "read_json", "is_rank0", "rank_world", "root_cause"]
+
+
+def rank_world() -> tuple[int, int]:
+    """The rank of this process and the number of processes; ``(0, 1)`` without ``torch.distributed``.
+
+    Returns:
+        ``(rank, world_size)``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def is_rank0() -> bool:
-    """Whether this process writes files: True without ``torch.distributed`` or on rank 0."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """Whether this process writes files and logs: rank 0, or the only process.
+
+    Returns:
+        True on rank 0 or without ``torch.distributed``.
+    """
+    return rank_world()[0] == 0
 
 
 def _umask() -> int:

@@ -86,3 +86,21 @@ def test_multi_gpu_configs_override_only_what_train_json_defines():
             assert parent in parser, f"{bundle.name}: multi_gpu_train.json sets {key!r}, train.json lacks {parent!r}"
         assert "DistributedDataParallel" in multi["network"]["_target_"]
         assert any("init_process_group" in e and "gloo" in e for e in multi["initialize"])
+
+
+def test_ranks_above_0_keep_the_handlers_that_change_training_subclasses_too(monkeypatch):
+    from monai.handlers import StatsHandler, ValidationHandler
+
+    import monai_amat.distributed as distributed
+    from monai_amat.handlers import MarginHandler
+
+    class MyValidation(ValidationHandler):  # kept: it changes the training like its base class
+        pass
+
+    class Flagged:  # kept: it says so
+        every_rank = True
+
+    handlers = [StatsHandler(), MyValidation(interval=1), MarginHandler(4, delta=1.0), Flagged(), object()]
+    assert distributed.main_rank_handlers(handlers) == handlers  # rank 0 (no torch.distributed here): all of them
+    monkeypatch.setattr(distributed, "is_rank0", lambda: False)
+    assert distributed.main_rank_handlers(handlers) == handlers[1:4]

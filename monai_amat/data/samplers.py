@@ -7,8 +7,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
+
+from monai_amat.utils import rank_world
 
 __all__ = ["ForegroundOversampler", "foreground_flags"]
 
@@ -74,9 +75,9 @@ class ForegroundOversampler(DistributedSampler):
         rank: int | None = None,
         seed: int = 0,
     ) -> None:
-        running = dist.is_available() and dist.is_initialized()
-        num_replicas = (dist.get_world_size() if running else 1) if num_replicas is None else num_replicas
-        rank = (dist.get_rank() if running else 0) if rank is None else rank
+        this_rank, world = rank_world()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.foreground = torch.as_tensor([bool(f) for f in foreground])
         if len(self.foreground) != len(dataset):

@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
 
@@ -19,6 +18,7 @@ from monai_amat.criteria import (
     holds_every_class,
     save_thresholds,
 )
+from monai_amat.utils import is_rank0
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -109,7 +109,7 @@ class CalibrationHandler:
             z = None
         else:
             self.thresholds, z = calibrate_thresholds(values, self.z), self.z
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not is_rank0():
             return
         samples = int(next(iter(values.values())).numel()) if values else 0
         criterion = self.mode if self.mode == "dice" else "loss_threshold"

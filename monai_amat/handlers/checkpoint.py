@@ -17,7 +17,7 @@ from monai.handlers import CheckpointSaver
 from monai.transforms import Randomizable, Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_amat.utils import atomic_write, is_rank0
+from monai_amat.utils import atomic_write, is_rank0, rank_world
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -164,12 +164,6 @@ def _unwrap(obj: Any) -> Any:
     return obj.module if isinstance(obj, _PARALLEL) else obj
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class TrainingCheckpoint:
     """Rewrites ``checkpoint.pt`` (atomically, rank 0) at every epoch end; with ``resume=True`` loads it at start.
 
@@ -234,7 +228,7 @@ class TrainingCheckpoint:
     def _random_states(self) -> list[dict[str, Any]]:
         """Every rank's random states, gathered on all ranks (one entry per rank)."""
         local = {**rng_state(), "data": generator_states(self.generators)}
-        _, world = _rank_world()
+        _, world = rank_world()
         if world == 1:
             return [local]
         states: list[Any] = [None] * world
@@ -307,7 +301,7 @@ class TrainingCheckpoint:
     def _restore_random(self, saved: Any) -> None:
         """Restore this rank's random states from the per-rank list (or the single dict of older checkpoints)."""
         saved = [saved] if isinstance(saved, Mapping) else list(saved)
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if len(saved) != world:
             warnings.warn(
                 f"{self.path} was written by {len(saved)} process(es), this run has {world}: the data order and "

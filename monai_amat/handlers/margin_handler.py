@@ -15,7 +15,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
 from monai_amat.margins import MarginTable, start_radius
-from monai_amat.utils import atomic_write
+from monai_amat.utils import atomic_write, is_rank0, rank_world
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -38,10 +38,6 @@ def label_has_foreground(output: dict) -> torch.Tensor:
         ``(B,)`` bool.
     """
     return torch.as_tensor(output[Keys.LABEL]).flatten(1).amax(1) > 0
-
-
-def _dist_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class MarginHandler:
@@ -173,8 +169,7 @@ class MarginHandler:
         stats = self.table.end_epoch()
         self._bookkeeping_epoch = 0
         engine.state.metrics.update(stats)
-        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        if not rank0:
+        if not is_rank0():
             return
         if self.summary_writer is not None:
             self.summary_writer.add_histogram(self.tag_name, self.table.margins, engine.state.epoch)
@@ -203,7 +198,7 @@ class MarginHandler:
 
     def _all_reduce(self) -> None:
         """Combine the ranks' bookkeeping: flags with "any", estimates averaged over the ranks that saw a sample."""
-        if _dist_world() == 1:
+        if rank_world()[1] == 1:
             return
         device = (
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
