@@ -293,7 +293,7 @@ class PGD:
         ``evaluate(adv, grad, loss=True) -> (loss, input gradient)`` runs the forward pass of an iterate (and checks
         the criterion when tracking); subclasses change only this method.
         """
-        adv = self._clamp(x, x + self._start(x, eps, start_radius))
+        adv = self._clamp(x + self._start(x, eps, start_radius))
         step_size = _view(self.alpha * eps / self.steps, x)
         for step in range(self.steps):
             self._set_progress(step / self.steps)
@@ -350,7 +350,7 @@ class PGD:
         """
         x = (inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs).detach()
         eps_t = self._per_sample(eps, x.shape[0], x, "eps")
-        return self._clamp(x, x + self._start(x, eps_t, eps_t, force=True))
+        return self._clamp(x + self._start(x, eps_t, eps_t, force=True))
 
     def _set_progress(self, fraction: float) -> None:
         setter = getattr(self.loss_fn, "set_progress", None)
@@ -412,7 +412,7 @@ class PGD:
         factor = torch.clamp(eps / per_sample_norm(noise).clamp_min(1e-12).to(noise.dtype), max=1.0)
         return noise * _view(factor, noise)
 
-    def _clamp(self, x: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    def _clamp(self, adv: torch.Tensor) -> torch.Tensor:
         return adv if self.value_range is None else adv.clamp(*self.value_range)
 
     def _step(
@@ -423,7 +423,7 @@ class PGD:
         else:
             direction = grad / _view(per_sample_norm(grad).clamp_min(1e-12).to(grad.dtype), grad)
         adv = adv + step_size * direction
-        return self._clamp(x, x + self._project(adv - x, eps)).detach()
+        return self._clamp(x + self._project(adv - x, eps)).detach()
 
     def _track(
         self,
@@ -461,7 +461,7 @@ class PGD:
         low, high = brackets
         for _ in range(steps):
             mid = (low + high) / 2
-            correct = criterion(to_float32(forward(self._clamp(x, x + mid))), targets).to(found.device).view(-1)
+            correct = criterion(to_float32(forward(self._clamp(x + mid))), targets).to(found.device).view(-1)
             move_low = _view(correct & found, x)
             low = torch.where(move_low, mid, low)
             high = torch.where(_view(~correct & found, x), mid, high)
@@ -577,7 +577,7 @@ class APGD(PGD):
         best_adv, best_loss = x, torch.full((x.shape[0],), -math.inf, device=x.device)
         for restart in range(self.restarts):
             start = self._start(x, eps, start_radius if restart == 0 else None, force=restart > 0)
-            adv, loss = self._run(x, self._clamp(x, x + start), eps, evaluate)
+            adv, loss = self._run(x, self._clamp(x + start), eps, evaluate)
             better = loss > best_loss
             best_loss = torch.where(better, loss, best_loss)
             best_adv = torch.where(_view(better, x), adv, best_adv)
@@ -603,7 +603,7 @@ class APGD(PGD):
             self._set_progress(it / self.steps)
             a = 1.0 if it == 1 else self.momentum
             z = self._step(x, adv, grad, _view(step_size, x), eps)
-            new = self._clamp(x, x + self._project(adv + a * (z - adv) + (1 - a) * (adv - prev_adv) - x, eps))
+            new = self._clamp(x + self._project(adv + a * (z - adv) + (1 - a) * (adv - prev_adv) - x, eps))
             prev_adv, adv = adv, new.detach()
             loss, grad = evaluate(adv, it < self.steps)
             increases += (loss > prev_loss).to(increases.dtype)
