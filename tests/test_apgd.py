@@ -4,8 +4,7 @@ from monai.data import MetaTensor
 
 from monai_amat.attacks import APGD, PGD, apgd_checkpoints, per_sample_norm
 from monai_amat.losses import PerSampleDiceCELoss, SegPGDLoss
-from tests.conftest import TinyClassifier, per_sample_ce, small_unet
-from tests.test_attacks import _seg_batch, _trained_unet
+from tests.helpers import TinyClassifier, per_sample_ce, seg_batch, small_unet, trained_unet
 
 
 def test_checkpoints_follow_the_paper():
@@ -18,8 +17,8 @@ def test_checkpoints_follow_the_paper():
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_apgd_stays_in_ball_and_value_range(norm):
-    x, y = _seg_batch()
-    net, loss = _trained_unet(x, y)
+    x, y = seg_batch()
+    net, loss = trained_unet(x, y)
     lo, hi = float(x.min()), float(x.max())
     eps = torch.tensor([0.0, 0.5, 2.0, 4.0]) if norm == "l2" else torch.tensor([0.0, 0.01, 0.05, 0.1])
     adv = APGD(loss, norm=norm, steps=10, value_range=(lo, hi), restarts=2)(net, x, y, eps)
@@ -33,8 +32,8 @@ def test_apgd_stays_in_ball_and_value_range(norm):
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_apgd_at_least_as_strong_as_pgd(norm):
-    x, y = _seg_batch(n=8)
-    net, loss = _trained_unet(x, y)
+    x, y = seg_batch(n=8)
+    net, loss = trained_unet(x, y)
     eps = 2.0 if norm == "l2" else 0.05
     steps = 20
     torch.manual_seed(0)
@@ -129,8 +128,8 @@ def test_segpgd_loss_weights_correct_then_wrong_pixels():
 
 
 def test_segpgd_attack_lowers_dice():
-    x, y = _seg_batch()
-    net, task_loss = _trained_unet(x, y)
+    x, y = seg_batch()
+    net, task_loss = trained_unet(x, y)
     adv = PGD(SegPGDLoss(), steps=10, alpha=2.5)(net, x, y, 2.0)
     with torch.no_grad():
         assert task_loss(net(adv), y).mean() > task_loss(net(x), y).mean()

@@ -5,31 +5,13 @@ from monai.data import MetaTensor
 
 from monai_amat.attacks import PGD, per_sample_norm
 from monai_amat.losses import PerSampleDiceCELoss
-from tests.conftest import TinyClassifier, per_sample_ce, small_unet, synthetic_seg_data
-
-
-def _seg_batch(n=4, size=32):
-    data = synthetic_seg_data(n, size)
-    x = torch.stack([torch.as_tensor(d["image"]) for d in data])
-    y = torch.stack([torch.as_tensor(d["label"]) for d in data])
-    return x, y
-
-
-def _trained_unet(x, y, dims=2):
-    net = small_unet(dims)
-    loss = PerSampleDiceCELoss()
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(30):
-        opt.zero_grad()
-        loss(net(x), y).mean().backward()
-        opt.step()
-    return net.eval(), loss
+from tests.helpers import TinyClassifier, per_sample_ce, seg_batch, small_unet, trained_unet
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_pgd_stays_in_per_sample_ball_and_raises_loss(norm):
-    x, y = _seg_batch()
-    net, loss = _trained_unet(x, y)
+    x, y = seg_batch()
+    net, loss = trained_unet(x, y)
     eps = torch.tensor([0.0, 0.5, 2.0, 4.0]) if norm == "l2" else torch.tensor([0.0, 0.01, 0.05, 0.1])
     adv = PGD(loss, norm=norm, steps=10, alpha=2.5)(net, x, y, eps)
     assert adv.shape == x.shape and not adv.requires_grad
@@ -44,8 +26,8 @@ def test_pgd_stays_in_per_sample_ball_and_raises_loss(norm):
 
 
 def test_pgd_random_start_and_value_range():
-    x, y = _seg_batch()
-    net, loss = _trained_unet(x, y)
+    x, y = seg_batch()
+    net, loss = trained_unet(x, y)
     lo, hi = float(x.min()), float(x.max())
     eps = torch.full((4,), 3.0)
     adv = PGD(loss, steps=3, random_start=True, value_range=(lo, hi))(

@@ -14,33 +14,28 @@ from monai.bundle import run
 from PIL import Image
 
 from monai_amat.data.bccd import make_embedded_bccd
-from tests.conftest import CHECKS
-from tests.test_bundles_seg import ROOT, chain, ckpt_export, configs
-from tests.test_bundles_seg import tiny as seg_tiny
+from tests.helpers import CHECKS, DETECTION_SPATIAL, ROOT, chain, ckpt_export, configs, detection_tiny
 
 BUNDLE = "bccd_cell_detection_amat"
-SPATIAL = [64, 64]
-
-
-def tiny(tmp_path, **extra):
-    return seg_tiny(
-        tmp_path,
-        **{"batch_size": 2, "spatial_size": SPATIAL, "embedded_size": [96, 72], "anchor_sizes": [4, 8, 16], **extra},
-    )
+SPATIAL = DETECTION_SPATIAL
 
 
 def test_detection_bundle_all_configs(tmp_path):
     out = {k: tmp_path / k for k in ("std", "amat", "sat")}
-    run(config_file=configs(BUNDLE, "train", "train_std"), output_dir=str(out["std"]), **tiny(tmp_path))
+    run(config_file=configs(BUNDLE, "train", "train_std"), output_dir=str(out["std"]), **detection_tiny(tmp_path))
     assert (out["std"] / "model.pt").is_file() and (out["std"] / "checkpoint.pt").is_file()
-    run(config_file=configs(BUNDLE, "train", "calibrate"), ckpt_path=str(out["std"] / "model.pt"), **tiny(tmp_path))
+    run(
+        config_file=configs(BUNDLE, "train", "calibrate"),
+        ckpt_path=str(out["std"] / "model.pt"),
+        **detection_tiny(tmp_path),
+    )
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     assert thresholds["criterion"] == "loss_threshold"
     assert thresholds["split"] == "train" and thresholds["samples"] > 0  # the authors' split for loss thresholds
     assert set(thresholds["thresholds"]) == {"classification", "box_regression"}
     assert all(v > 0 for v in thresholds["thresholds"].values())
 
-    run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **tiny(tmp_path, epochs=2))
+    run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **detection_tiny(tmp_path, epochs=2))
     with open(out["amat"] / "margins.csv") as f:
         rows = list(csv.DictReader(f))
     train_items = 4  # 6 embedded images: 4 train, 1 validation, 1 test
@@ -50,7 +45,7 @@ def test_detection_bundle_all_configs(tmp_path):
     state = torch.load(out["amat"] / "model.pt", weights_only=True)
     assert any(k.startswith("feature_extractor.fpn.") for k in state)  # the RetinaNet network's own state dict
 
-    run(config_file=configs(BUNDLE, "train", "evaluate"), output_dir=str(out["amat"]), **tiny(tmp_path))
+    run(config_file=configs(BUNDLE, "train", "evaluate"), output_dir=str(out["amat"]), **detection_tiny(tmp_path))
     report = json.loads((out["amat"] / "robustness.json").read_text())
     assert report["eps"] == [0, 5, 10, 15] and report["task"] == "detection"
     assert set(report["metrics"]) == {"map", "map_50"} and set(report["auc"]) == {"map", "map_50"}
@@ -62,7 +57,7 @@ def test_detection_bundle_all_configs(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == report["breaking_eps"]["samples"] == 1 and rows[0]["image"].endswith(".jpg")
 
-    run(config_file=configs(BUNDLE, "train", "train_sat"), output_dir=str(out["sat"]), **tiny(tmp_path))
+    run(config_file=configs(BUNDLE, "train", "train_sat"), output_dir=str(out["sat"]), **detection_tiny(tmp_path))
     assert (out["sat"] / "model.pt").is_file()
 
     images = tmp_path / "data" / "BCCD" / "JPEGImages"
@@ -111,7 +106,7 @@ def _voc_folder(tmp_path):
 
 def test_real_voc_folder_with_faults(tmp_path):
     real, faulty = _voc_folder(tmp_path)
-    common = dict(data_source="real", dataset_dir=str(real.parent), **tiny(tmp_path))
+    common = dict(data_source="real", dataset_dir=str(real.parent), **detection_tiny(tmp_path))
     with pytest.warns(UserWarning, match=faulty.name) as warned:
         run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **common)
     messages = " ".join(str(w.message) for w in warned)
@@ -148,14 +143,14 @@ def test_missing_data_and_bad_settings_are_named(tmp_path):
             config_file=configs(BUNDLE, "train"),
             data_source="real",
             dataset_dir=str(tmp_path / "none"),
-            **tiny(tmp_path),
+            **detection_tiny(tmp_path),
         )
     assert "JPEGImages" in chain(info) and "BCCD_Dataset" in chain(info)
     with pytest.raises(Exception) as info:
-        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **tiny(tmp_path, delta=-1))
+        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **detection_tiny(tmp_path, delta=-1))
     assert "'delta'" in chain(info)
     with pytest.raises(Exception) as info:
-        run(config_file=configs(BUNDLE, "train", "evaluate"), eps_list=[0, 10, 5], **tiny(tmp_path))
+        run(config_file=configs(BUNDLE, "train", "evaluate"), eps_list=[0, 10, 5], **detection_tiny(tmp_path))
     assert "'eps_list'" in chain(info)
     assert not (tmp_path / "o").exists()
 
@@ -163,7 +158,7 @@ def test_missing_data_and_bad_settings_are_named(tmp_path):
 def test_two_gloo_ranks_train_the_detector(tmp_path):
     """multi_gpu_train.json under torchrun on CPU: every training image once per epoch in margins.csv, one model."""
     out = tmp_path / "ddp"
-    overrides = {**tiny(tmp_path, embedded_cases=10, epochs=2), "output_dir": str(out)}
+    overrides = {**detection_tiny(tmp_path, embedded_cases=10, epochs=2), "output_dir": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle"]
     cmd += ["run", "--config_file", str(configs(BUNDLE, "train", "multi_gpu_train"))]
     for key, value in overrides.items():

@@ -9,31 +9,29 @@ import torch
 from monai.bundle import run
 
 from monai_amat.data.isbi2015 import make_embedded_isbi2015
-from tests.conftest import CHECKS
-from tests.test_bundles_seg import chain, ckpt_export, configs
-from tests.test_bundles_seg import tiny as seg_tiny
+from tests.helpers import CHECKS, chain, ckpt_export, configs, landmark_tiny
 
 BUNDLE = "isbi2015_ceph_landmark_amat"
 
 
-def tiny(tmp_path, **extra):
-    return seg_tiny(tmp_path, **{"batch_size": 2, "spatial_size": [40, 32], **extra})
-
-
 def test_landmark_bundle_all_configs(tmp_path):
     out = {k: tmp_path / k for k in ("std", "amat", "sat")}
-    run(config_file=configs(BUNDLE, "train", "train_std"), output_dir=str(out["std"]), **tiny(tmp_path))
-    run(config_file=configs(BUNDLE, "train", "calibrate"), ckpt_path=str(out["std"] / "model.pt"), **tiny(tmp_path))
+    run(config_file=configs(BUNDLE, "train", "train_std"), output_dir=str(out["std"]), **landmark_tiny(tmp_path))
+    run(
+        config_file=configs(BUNDLE, "train", "calibrate"),
+        ckpt_path=str(out["std"] / "model.pt"),
+        **landmark_tiny(tmp_path),
+    )
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     assert thresholds["criterion"] == "loss_threshold" and thresholds["z"] == 2.0
     assert thresholds["split"] == "train" and thresholds["samples"] > 0  # the authors' split for loss thresholds
     assert set(thresholds["thresholds"]) == {"heatmap", "offset_x", "offset_y"}
 
-    run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **tiny(tmp_path, epochs=2))
+    run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **landmark_tiny(tmp_path, epochs=2))
     with open(out["amat"] / "margins.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and {r["epoch"] for r in rows} == {"1", "2"}
-    run(config_file=configs(BUNDLE, "train", "evaluate"), output_dir=str(out["amat"]), **tiny(tmp_path))
+    run(config_file=configs(BUNDLE, "train", "evaluate"), output_dir=str(out["amat"]), **landmark_tiny(tmp_path))
     report = json.loads((out["amat"] / "robustness.json").read_text())
     assert report["eps"] == [0, 0.5, 1, 1.5, 2, 2.5, 3] and report["task"] == "landmarks"
     assert set(report["metrics"]) == {"mre_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm"}
@@ -52,7 +50,7 @@ def test_landmark_bundle_all_configs(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == report["breaking_eps"]["samples"] >= 1 and all(r["image"].endswith(".bmp") for r in rows)
 
-    run(config_file=configs(BUNDLE, "train", "train_sat"), output_dir=str(out["sat"]), **tiny(tmp_path))
+    run(config_file=configs(BUNDLE, "train", "train_sat"), output_dir=str(out["sat"]), **landmark_tiny(tmp_path))
     assert (out["sat"] / "model.pt").is_file()
 
     images = tmp_path / "data" / "ISBI2015" / "RawImage" / "TrainingData"
@@ -81,7 +79,7 @@ def test_real_layout_nested_and_one_doctor(tmp_path):
     shutil.copytree(src / "RawImage", real / "RawImage")
     shutil.copytree(src / "400_senior", real / "AnnotationsByMD" / "400_senior")
     assert (real / "RawImage" / "Test1Data" / "151.bmp").is_file()  # ids above 150 sit where the real data has them
-    common = dict(data_source="real", dataset_dir=str(tmp_path / "download"), **tiny(tmp_path, batch_size=16))
+    common = dict(data_source="real", dataset_dir=str(tmp_path / "download"), **landmark_tiny(tmp_path, batch_size=16))
     with pytest.raises(Exception) as info:
         run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **common)
     assert "use_doctors" in chain(info) and "400_junior" in chain(info)

@@ -3,8 +3,6 @@
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,28 +12,9 @@ import torch
 from monai.bundle import run
 
 from monai_amat.data.msd import make_embedded_msd
-from tests.conftest import CHECKS
+from tests.helpers import CHECKS, SEG_BUNDLES, chain, ckpt_export, configs, tiny
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = ["msd_heart_seg_amat", "msd_hippocampus_seg_amat", "msd_prostate_seg_amat"]
-
-
-def configs(bundle, *names):
-    return [str(ROOT / "bundles" / bundle / "configs" / f"{n}.json") for n in names]
-
-
-def tiny(tmp_path, **extra):
-    """Overrides that make a run take seconds: a tiny embedded set, 1 epoch, 2 attack steps."""
-    return {
-        "embedded_dir": str(tmp_path / "data"),
-        "embedded_cases": 6,
-        "epochs": 1,
-        "train_attack_steps": 2,
-        "attack_steps": 2,
-        "spatial_size": [16, 16],
-        "thresholds_file": str(tmp_path / "thresholds.json"),
-        **extra,
-    }
+BUNDLES = SEG_BUNDLES
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -149,39 +128,6 @@ def test_ckpt_export_and_real_data_on_any_msd_folder(tmp_path):
     )
     net = torch.jit.load(str(ts))
     assert net(torch.zeros(1, 2, 16, 16)).shape == (1, 4, 16, 16)
-
-
-def ckpt_export(bundle, ckpt, filepath, **overrides):
-    """``python -m monai.bundle ckpt_export`` of a bundle's ``network_def`` (from inference.json), as a user runs it."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "ckpt_export",
-        "--net_id",
-        "network_def",
-        "--filepath",
-        str(filepath),
-        "--ckpt_file",
-        str(ckpt),
-        "--config_file",
-        configs(bundle, "inference")[0],
-        "--meta_file",
-        configs(bundle, "metadata")[0],
-    ]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
-    return filepath
-
-
-def chain(exc_info):
-    """The messages of an exception and of what caused it (MONAI's config parser wraps errors)."""
-    out, e = [], exc_info.value
-    while e is not None:
-        out.append(str(e))
-        e = e.__cause__ or e.__context__
-    return "\n".join(out)
 
 
 def test_bad_settings_are_named_before_training(tmp_path):

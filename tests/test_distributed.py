@@ -9,7 +9,7 @@ import sys
 import torch
 from monai.bundle import ConfigParser
 
-from tests.test_bundles_seg import ROOT, configs, tiny
+from tests.helpers import ROOT, configs, tiny
 
 BUNDLE = "msd_hippocampus_seg_amat"
 N = 47  # one sample fewer than the 48 slices of 6 embedded cases: DistributedSampler pads rank 1 with a repeat

@@ -6,13 +6,10 @@ import pytest
 from monai.bundle import ConfigParser
 
 from monai_amat.bundle import check_config, default_eps_scale
-from tests.test_bundle_detection import tiny as detection_tiny
-from tests.test_bundle_landmarks import tiny as landmark_tiny
-from tests.test_bundles_seg import BUNDLES, configs
-from tests.test_bundles_seg import tiny as seg_tiny
+from tests.helpers import SEG_BUNDLES, configs, detection_tiny, landmark_tiny, tiny
 
 TINY = {
-    **{b: seg_tiny for b in BUNDLES},
+    **{b: tiny for b in SEG_BUNDLES},
     "isbi2015_ceph_landmark_amat": landmark_tiny,
     "bccd_cell_detection_amat": detection_tiny,
 }

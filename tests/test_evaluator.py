@@ -3,22 +3,12 @@ import json
 import pytest
 import torch
 from monai.engines import SupervisedEvaluator
-from monai.handlers import MeanDice, from_engine
-from monai.transforms import AsDiscreted, Compose
 
 from monai_amat.attacks import PGD
 from monai_amat.engines import RobustEvaluator
 from monai_amat.handlers import RobustnessReport, area_under_curve
 from monai_amat.losses import PerSampleDiceCELoss
-from tests.conftest import pretrain, seg_loader, small_unet, synthetic_seg_data
-
-
-def _post():
-    return Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=2), AsDiscreted(keys="label", to_onehot=2)])
-
-
-def _dice():
-    return {"mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))}
+from tests.helpers import dice_metrics, dice_postprocessing, pretrain, seg_loader, small_unet, synthetic_seg_data
 
 
 @pytest.fixture
@@ -38,13 +28,15 @@ def test_robust_evaluator_metrics_per_eps_and_report(trained, tmp_path):
         net,
         PGD(loss, steps=5, alpha=2.5, random_start=False),
         [0, 1.0, 4.0],
-        postprocessing=_post(),
-        key_val_metric=_dice(),
+        postprocessing=dice_postprocessing(),
+        key_val_metric=dice_metrics(),
         val_handlers=[report],
     )
     with torch.no_grad():  # as inside a ValidationHandler: the attack still gets its input gradients
         ev.run()
-    clean = SupervisedEvaluator("cpu", seg_loader(data), net, postprocessing=_post(), key_val_metric=_dice())
+    clean = SupervisedEvaluator(
+        "cpu", seg_loader(data), net, postprocessing=dice_postprocessing(), key_val_metric=dice_metrics()
+    )
     clean.run()
     dice = ev.state.robustness["metrics"]["mean_dice"]
     assert dice[0] == pytest.approx(clean.state.metrics["mean_dice"], abs=1e-6)
@@ -84,8 +76,8 @@ def test_report_names_a_missing_metric(trained, tmp_path):
         net,
         PGD(loss, steps=1),
         [0],
-        postprocessing=_post(),
-        key_val_metric=_dice(),
+        postprocessing=dice_postprocessing(),
+        key_val_metric=dice_metrics(),
         val_handlers=[RobustnessReport(tmp_path, "segmentation", ["hd95"])],
     )
     with pytest.raises(KeyError, match="hd95"):

@@ -17,8 +17,7 @@ from monai_amat.handlers import MarginHandler
 from monai_amat.handlers.checkpoint import AtomicCheckpointSaver
 from monai_amat.losses import PerSampleDiceCELoss
 from monai_amat.utils import atomic_write
-from tests.conftest import seg_loader, small_unet, synthetic_seg_data
-from tests.test_bundles_seg import chain, configs, tiny
+from tests.helpers import chain, configs, seg_loader, small_unet, synthetic_seg_data, tiny
 
 BUNDLES = [
     "msd_heart_seg_amat",

@@ -21,7 +21,7 @@ from monai_amat.handlers.checkpoint import (
     generator_states,
     set_generator_states,
 )
-from tests.test_bundles_seg import ROOT, configs, tiny
+from tests.helpers import ROOT, configs, tiny
 
 BUNDLE = "msd_hippocampus_seg_amat"
 BUNDLES = ["msd_heart_seg_amat", "msd_hippocampus_seg_amat", "msd_prostate_seg_amat", "isbi2015_ceph_landmark_amat"]

@@ -18,8 +18,7 @@ from monai_amat.engines.probes import (
 )
 from monai_amat.handlers import RobustnessReport
 from monai_amat.losses import PerSampleDiceCELoss, SegPGDLoss
-from tests.conftest import pretrain, seg_loader, small_unet, synthetic_seg_data
-from tests.test_evaluator import _dice, _post
+from tests.helpers import dice_metrics, dice_postprocessing, pretrain, seg_loader, small_unet, synthetic_seg_data
 
 
 def _neg_dice(pred, target):
@@ -43,8 +42,8 @@ def _evaluator(data, net, attacks, eps, handlers=(), probes=(), score_fn=None, l
         net,
         attacks,
         eps,
-        postprocessing=_post(),
-        key_val_metric=_dice(),
+        postprocessing=dice_postprocessing(),
+        key_val_metric=dice_metrics(),
         val_handlers=list(handlers),
         score_fn=score_fn,
         probes=list(probes),

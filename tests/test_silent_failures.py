@@ -20,7 +20,7 @@ from monai_amat.data.msd import make_embedded_msd
 from monai_amat.data.segmentation import msd_slices
 from monai_amat.data.utils import move_into_place
 from monai_amat.handlers.checkpoint import TrainingCheckpoint
-from tests.test_bundles_seg import ROOT, chain, configs, tiny
+from tests.helpers import ROOT, chain, configs, tiny
 
 BUNDLE = "msd_hippocampus_seg_amat"
 

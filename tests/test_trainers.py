@@ -15,7 +15,7 @@ from monai_amat.criteria import DiceCriterion, LossThresholdCriterion
 from monai_amat.engines import AdversarialEvents, AMATTrainer, SATTrainer
 from monai_amat.handlers import MarginHandler, label_has_foreground
 from monai_amat.losses import PerSampleDiceCELoss
-from tests.conftest import pretrain, seg_loader, small_unet, stack, synthetic_seg_data
+from tests.helpers import pretrain, seg_loader, small_unet, stack, synthetic_seg_data
 
 
 class Recorder:
