@@ -122,7 +122,7 @@ def test_real_voc_folder_with_faults(tmp_path):
     assert "Neutrophil" in chain(info) and "class_map" in chain(info) and faulty.name in chain(info)
     assert not (tmp_path / "o2" / "model.pt").exists()
     class_map = {"RBC": 0, "WBC": 1, "Platelets": 2, "Neutrophil": 1}
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match=faulty.name):
         run(
             config_file=configs(BUNDLE, "train", "train_std"),
             output_dir=str(tmp_path / "o3"),

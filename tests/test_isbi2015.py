@@ -240,7 +240,7 @@ def test_split_fallback(embedded):
     assert ids == [list(range(1, 9)), [9, 10], [11, 12]]
     assert sorted(sum(ids, [])) == list(range(1, NUM + 1))
     for n, sizes in ((3, [1, 1, 1]), (5, [3, 1, 1]), (2, [1, 0, 1]), (1, [1, 0, 0])):
-        with pytest.warns(UserWarning):
+        with pytest.warns(UserWarning, match=f"empty for these {n} item"):
             split = isbi2015_split([{"id": i} for i in range(1, n + 1)])
         assert [len(split[k]) for k in ("train", "val", "test")] == sizes
     with pytest.raises(ValueError):

@@ -197,9 +197,9 @@ def test_split_cases_few_cases_warns():
     with pytest.warns(UserWarning, match="3 case"):
         train, val, test = split_cases(["a", "b", "c"])
     assert (len(train), len(val), len(test)) == (1, 1, 1) and sorted(train + val + test) == ["a", "b", "c"]
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="2 case"):
         assert [len(s) for s in split_cases(["a", "b"])] == [1, 0, 1]
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="1 case"):
         assert split_cases(["a"], fold=0) == (["a"], [], [])
     with pytest.raises(ValueError, match="fold"):
         split_cases(["a", "b"], num_folds=5, fold=5)
