@@ -46,8 +46,8 @@ class RobustTrainer(SupervisedTrainer):
         beta: weight of the adversarial term, in ``[0, 1]``.
         criterion: ``criterion(pred, target) -> BoolTensor[B]``, checked on every attack iterate (and on clean
             input when ``clean_criterion``); None finds nothing.
-        clean_criterion: apply the criterion to the clean prediction too; False (reference code) counts every
-            sample as clean-correct.
+        clean_criterion: apply the criterion to the clean prediction too; False (as the authors' reference code)
+            counts every sample as clean-correct.
         grad_clip_norm: clip the gradient norm to this value (the nnU-Net code uses 12); None does not clip.
         bisection_steps: refine the first-wrong noise norm by bisection (see ``PGD.attack``).
         index_key: the batch key holding sample indices.
@@ -344,7 +344,7 @@ class SATTrainer(RobustTrainer):
 
     Args:
         eps: the one noise level, ``>= 0``.
-        adversarial_only: train on adversarial samples only (``beta = 1``, the segmentation reference code);
+        adversarial_only: train on adversarial samples only (``beta = 1``, as the authors' segmentation code);
             False mixes ``(1 - beta)`` clean and ``beta`` adversarial (landmark and detection code).
         start_on_sphere: with a random start, start on the sphere of radius ``eps`` (the authors' SAT); False
             starts uniformly inside the ball.
