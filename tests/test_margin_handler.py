@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from ignite.engine import Engine, Events
 
-from monai_amat.engines import AdversarialEvents
 from monai_amat.handlers import MarginHandler, label_has_foreground
+from monai_amat.keys import AttackEvents
 
 
 class FakeWriter:
@@ -24,11 +24,11 @@ def _engine(handler, batches):
 
     def step(engine, batch):
         engine.state.output = batch
-        engine.fire_event(AdversarialEvents.ATTACK_COMPLETED)
+        engine.fire_event(AttackEvents.ATTACK_COMPLETED)
         return batch
 
     engine = Engine(step)
-    engine.register_events(*AdversarialEvents)
+    engine.register_events(*AttackEvents)
     handler.attach(engine)
     handler.attach(engine)  # attaching twice registers once
     return engine
@@ -124,3 +124,14 @@ def test_margins_identical_across_two_gloo_ranks(tmp_path):
     # 0: expand; 1: (1 + 0.5)/2; 2: seen on both ranks, found on one -> mean of the ranks' estimates, (1 + 0.75)/2;
     # 3: (1 + 0.25)/2; 4: expand; 5: unseen, kept
     assert m0.tolist() == [2.0, 0.75, 0.875, 0.625, 2.0, 1.0]
+
+
+def test_the_old_key_names_still_import_with_a_warning():
+    from monai_amat.keys import AttackEvents, AttackKeys
+
+    with pytest.warns(FutureWarning, match="monai_amat.engines.AdversarialKeys is deprecated.*AttackKeys"):
+        from monai_amat.engines import AdversarialKeys
+    with pytest.warns(FutureWarning, match="monai_amat.engines.utils.AdversarialEvents is deprecated"):
+        from monai_amat.engines.utils import AdversarialEvents
+    assert AdversarialKeys is AttackKeys and AdversarialEvents is AttackEvents
+    assert AttackKeys.INDEX == "index" and {"index": 1}[AttackKeys.INDEX] == 1  # a StrEnum: plain string keys

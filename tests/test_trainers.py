@@ -12,8 +12,9 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler
 
 from monai_amat.attacks import PGD
 from monai_amat.criteria import DiceCriterion, LossThresholdCriterion
-from monai_amat.engines import AdversarialEvents, AMATTrainer, SATTrainer
+from monai_amat.engines import AMATTrainer, SATTrainer
 from monai_amat.handlers import MarginHandler, label_has_foreground
+from monai_amat.keys import AttackEvents
 from monai_amat.losses import PerSampleDiceCELoss
 from tests.helpers import pretrain, seg_loader, small_unet, stack, synthetic_seg_data
 
@@ -29,7 +30,7 @@ class Recorder:
         engine.add_event_handler(
             Events.EPOCH_STARTED, lambda e: self.start_margins.update({e.state.epoch: self.handler.margins.clone()})
         )
-        engine.add_event_handler(AdversarialEvents.ATTACK_COMPLETED, self.attack)
+        engine.add_event_handler(AttackEvents.ATTACK_COMPLETED, self.attack)
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self.loss)
 
     def attack(self, engine):
@@ -190,7 +191,7 @@ def test_iteration_events_and_outputs(tmp_path):
     trainer, handler, _ = _amat(tmp_path, epochs=1)
     order = []
     for ev in (
-        AdversarialEvents.ATTACK_COMPLETED,
+        AttackEvents.ATTACK_COMPLETED,
         IterationEvents.FORWARD_COMPLETED,
         IterationEvents.LOSS_COMPLETED,
         IterationEvents.BACKWARD_COMPLETED,
@@ -201,7 +202,7 @@ def test_iteration_events_and_outputs(tmp_path):
     trainer.run()
     one = order[:5]
     assert one == [
-        AdversarialEvents.ATTACK_COMPLETED,
+        AttackEvents.ATTACK_COMPLETED,
         IterationEvents.FORWARD_COMPLETED,
         IterationEvents.LOSS_COMPLETED,
         IterationEvents.BACKWARD_COMPLETED,

@@ -1,12 +1,10 @@
 from monai_amat.engines.evaluator import RobustEvaluator, check_eps_list
 from monai_amat.engines.probes import BreakingEps, GradientMaskingChecks
 from monai_amat.engines.trainer import AMATTrainer, RobustTrainer, SATTrainer
-from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
+from monai_amat.engines.utils import deprecated_name
 
 __all__ = [
     "AMATTrainer",
-    "AdversarialEvents",
-    "AdversarialKeys",
     "BreakingEps",
     "GradientMaskingChecks",
     "RobustEvaluator",
@@ -14,3 +12,7 @@ __all__ = [
     "SATTrainer",
     "check_eps_list",
 ]
+
+
+def __getattr__(name: str):  # AdversarialKeys / AdversarialEvents: renamed, see monai_amat.keys
+    return deprecated_name(__name__, name)

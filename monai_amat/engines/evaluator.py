@@ -12,7 +12,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import default_prepare_batch
 
 from monai_amat.attacks import PGD
-from monai_amat.engines.utils import AdversarialEvents
+from monai_amat.keys import AttackEvents
 
 __all__ = ["RobustEvaluator", "check_eps_list"]
 
@@ -58,7 +58,7 @@ class RobustEvaluator(SupervisedEvaluator):
 
     After the last eps, ``engine.state.robustness`` holds ``{"eps": [...], "eps_scale", "metrics": {name: [value per
     eps]}, "per_attack": {attack: {name: [value per eps]}}, "attacks": {attack: settings}}``, plus what the
-    ``probes`` add (e.g. ``"checks"``, ``"breaking_eps"``), and ``AdversarialEvents.ROBUSTNESS_COMPLETED`` fires
+    ``probes`` add (e.g. ``"checks"``, ``"breaking_eps"``), and ``AttackEvents.ROBUSTNESS_COMPLETED`` fires
     (see :py:class:`monai_amat.handlers.RobustnessReport`).
 
     Args:
@@ -102,7 +102,7 @@ class RobustEvaluator(SupervisedEvaluator):
         probes: Sequence[Any] = (),
         **kwargs: Any,
     ) -> None:
-        event_names = list(kwargs.pop("event_names", None) or []) + [AdversarialEvents]
+        event_names = list(kwargs.pop("event_names", None) or []) + [AttackEvents]
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
@@ -283,7 +283,7 @@ class RobustEvaluator(SupervisedEvaluator):
         for probe in self.probes:
             self.state.robustness.update(probe.run(self))
         self.state.eps, self.state.attack_name, self.state.reported = 0.0, "", True
-        self.fire_event(AdversarialEvents.ROBUSTNESS_COMPLETED)
+        self.fire_event(AttackEvents.ROBUSTNESS_COMPLETED)
 
 
 def _checksum(x: torch.Tensor) -> float:

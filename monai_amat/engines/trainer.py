@@ -13,7 +13,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_amat.attacks import PGD, AttackResult, check_per_sample, map_tensors, to_float32
-from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
+from monai_amat.keys import AttackEvents, AttackKeys
 
 if TYPE_CHECKING:
     from monai_amat.handlers.margin_handler import MarginHandler
@@ -30,7 +30,7 @@ class RobustTrainer(SupervisedTrainer):
     clipping. The clean term is back-propagated right after the clean pass, so its graph is freed before the
     attack runs: the gradients add up to those of the whole loss, and peak memory stays that of adversarial-only
     training. MONAI's ``IterationEvents`` fire at the same points as in ``SupervisedTrainer``
-    (``FORWARD_COMPLETED`` after both passes), and :py:class:`AdversarialEvents.ATTACK_COMPLETED` after the attack.
+    (``FORWARD_COMPLETED`` after both passes), and :py:class:`AttackEvents.ATTACK_COMPLETED` after the attack.
     The iteration knows nothing about the task: targets may be tensors or lists of dicts, as long as
     ``loss_function`` (and the criterion) take them.
 
@@ -52,7 +52,7 @@ class RobustTrainer(SupervisedTrainer):
         bisection_steps: refine the first-wrong noise norm by bisection (see ``PGD.attack``).
         index_key: the batch key holding sample indices.
         skip_non_finite: when a clean or adversarial loss is not finite (NaN, inf), skip the batch (no optimizer
-            step, no margin bookkeeping: ``AdversarialEvents.ATTACK_COMPLETED`` does not fire for it), log a warning
+            step, no margin bookkeeping: ``AttackEvents.ATTACK_COMPLETED`` does not fire for it), log a warning
             naming the epoch, iteration and sample indices, and count it in ``engine.state.skipped_batches``. Under
             ``torch.distributed`` every rank skips a batch that any rank skips, so no rank waits for the others'
             gradients. False (default): stop the run with a ``FloatingPointError`` carrying the same names.
@@ -77,7 +77,7 @@ class RobustTrainer(SupervisedTrainer):
         clean_criterion: bool = False,
         grad_clip_norm: float | None = None,
         bisection_steps: int = 0,
-        index_key: str = AdversarialKeys.INDEX,
+        index_key: str = AttackKeys.INDEX,
         skip_non_finite: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -89,7 +89,7 @@ class RobustTrainer(SupervisedTrainer):
             raise ValueError("accumulation_steps other than 1 is not supported by adversarial trainers.")
         if clean_criterion and criterion is None:
             raise ValueError("clean_criterion=True needs a criterion.")
-        event_names = list(kwargs.pop("event_names", None) or []) + [AdversarialEvents]
+        event_names = list(kwargs.pop("event_names", None) or []) + [AttackEvents]
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -185,7 +185,7 @@ class RobustTrainer(SupervisedTrainer):
         """One adversarial training iteration; returns ``engine.state.output``.
 
         Besides MONAI's ``IMAGE``, ``LABEL``, ``PRED`` (clean) and ``LOSS``, the output holds the
-        :py:class:`AdversarialKeys`: the adversarial image and prediction, the per-sample eps, found flags (and
+        :py:class:`AttackKeys`: the adversarial image and prediction, the per-sample eps, found flags (and
         whether the start iterate was already wrong), noise norms, clean-correct flags, clean and adversarial losses,
         and the sample indices.
 
@@ -206,7 +206,7 @@ class RobustTrainer(SupervisedTrainer):
         size = inputs.shape[0]
         indices = self.sample_indices(batchdata, size)
         forward = self._forward_fn(engine, args, kwargs)
-        out = engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, AdversarialKeys.INDEX: indices}
+        out = engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, AttackKeys.INDEX: indices}
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -242,25 +242,25 @@ class RobustTrainer(SupervisedTrainer):
         )
         out.update(
             {
-                AdversarialKeys.ADV_IMAGE: result.adv,
-                AdversarialKeys.EPS: torch.as_tensor(eps, dtype=torch.float32).expand(size).clone(),
-                AdversarialKeys.FOUND: result.found,
-                AdversarialKeys.NOISE_NORM: result.noise_norm,
-                AdversarialKeys.BOUNDARY_NORM: result.boundary_norm,
-                AdversarialKeys.START_WRONG: result.start_wrong,
-                AdversarialKeys.CLEAN_CORRECT: correct,
+                AttackKeys.ADV_IMAGE: result.adv,
+                AttackKeys.EPS: torch.as_tensor(eps, dtype=torch.float32).expand(size).clone(),
+                AttackKeys.FOUND: result.found,
+                AttackKeys.NOISE_NORM: result.noise_norm,
+                AttackKeys.BOUNDARY_NORM: result.boundary_norm,
+                AttackKeys.START_WRONG: result.start_wrong,
+                AttackKeys.CLEAN_CORRECT: correct,
             }
         )
-        out[AdversarialKeys.ADV_PRED] = forward(result.adv)
+        out[AttackKeys.ADV_PRED] = forward(result.adv)
         adv = check_per_sample(
-            engine.loss_function(to_float32(out[AdversarialKeys.ADV_PRED]), targets), size, "loss_function"
+            engine.loss_function(to_float32(out[AttackKeys.ADV_PRED]), targets), size, "loss_function"
         )
         adv_term = self.beta * (adv * correct).sum() / size
         out.update(
             {
                 Keys.LOSS: clean_term.detach() + adv_term,
-                AdversarialKeys.CLEAN_LOSS: clean.detach(),
-                AdversarialKeys.ADV_LOSS: adv.detach(),
+                AttackKeys.CLEAN_LOSS: clean.detach(),
+                AttackKeys.ADV_LOSS: adv.detach(),
             }
         )
         problem = self._non_finite(engine, {"clean": clean, "adversarial": adv}, indices)
@@ -275,7 +275,7 @@ class RobustTrainer(SupervisedTrainer):
             out[Keys.LOSS] = out[Keys.LOSS].detach()
             return out
 
-        engine.fire_event(AdversarialEvents.ATTACK_COMPLETED)
+        engine.fire_event(AttackEvents.ATTACK_COMPLETED)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 

@@ -1,43 +1,39 @@
-"""Events and output keys of the adversarial engines."""
+"""Deprecated: the engines' keys and events moved to :py:mod:`monai_amat.keys` (``AttackKeys``, ``AttackEvents``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import warnings
+from typing import Any
 
-from monai.utils import IgniteInfo, min_version, optional_import
+from monai_amat.keys import AttackEvents, AttackKeys
 
-if TYPE_CHECKING:
-    from ignite.engine import EventEnum
-else:
-    EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
-
-__all__ = ["AdversarialEvents", "AdversarialKeys"]
+_RENAMED = {"AdversarialEvents": AttackEvents, "AdversarialKeys": AttackKeys}
 
 
-class AdversarialEvents(EventEnum):
-    """Events of the adversarial engines, besides MONAI's ``IterationEvents``.
+def deprecated_name(module: str, name: str) -> Any:
+    """The new object behind an old public name, with a ``FutureWarning``.
 
-    - ``ATTACK_COMPLETED``: a trainer's attack has run; ``engine.state.output`` holds its per-sample results
-      (batch level, before decollation).
-    - ``ROBUSTNESS_COMPLETED``: a ``RobustEvaluator`` has evaluated every eps; ``engine.state.robustness`` holds
-      the metrics per eps.
+    Args:
+        module: the module the old name was imported from, for the message.
+        name: the old name.
+
+    Returns:
+        The object now named in :py:mod:`monai_amat.keys`.
+
+    Raises:
+        AttributeError: when ``name`` is not an old name.
     """
+    if name not in _RENAMED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new = _RENAMED[name]
+    warnings.warn(
+        f"{module}.{name} is deprecated and will be removed in the next release: use monai_amat.keys.{new.__name__} "
+        f"(renamed to keep it apart from monai.utils.{name}).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return new
 
-    ATTACK_COMPLETED = "attack_completed"
-    ROBUSTNESS_COMPLETED = "robustness_completed"
 
-
-class AdversarialKeys:
-    """Keys the adversarial trainers add to ``engine.state.output``."""
-
-    INDEX = "index"
-    ADV_IMAGE = "adv_image"
-    ADV_PRED = "adv_pred"
-    EPS = "eps"
-    FOUND = "found"
-    NOISE_NORM = "noise_norm"
-    BOUNDARY_NORM = "boundary_norm"
-    START_WRONG = "start_wrong"
-    CLEAN_CORRECT = "clean_correct"
-    CLEAN_LOSS = "clean_loss"
-    ADV_LOSS = "adv_loss"
+def __getattr__(name: str) -> Any:
+    return deprecated_name(__name__, name)

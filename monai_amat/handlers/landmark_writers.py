@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_amat.engines.utils import AdversarialEvents
+from monai_amat.keys import AttackEvents
 from monai_amat.metrics import LandmarkErrorMetric
 from monai_amat.utils import atomic_write, is_rank0
 
@@ -50,7 +50,7 @@ class LandmarkErrorsCSV:
             engine: a ``RobustEvaluator``.
         """
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-        engine.add_event_handler(AdversarialEvents.ROBUSTNESS_COMPLETED, self.write)
+        engine.add_event_handler(AttackEvents.ROBUSTNESS_COMPLETED, self.write)
 
     def epoch_completed(self, engine: Engine) -> None:
         """Summarise this eps's errors per landmark (only the reported pass: the worst case over several attacks)."""

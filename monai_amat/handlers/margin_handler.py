@@ -13,7 +13,7 @@ import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
 
-from monai_amat.engines.utils import AdversarialEvents, AdversarialKeys
+from monai_amat.keys import AttackEvents, AttackKeys
 from monai_amat.margins import MarginTable, start_radius
 from monai_amat.utils import atomic_write, is_rank0, rank_world
 
@@ -130,12 +130,12 @@ class MarginHandler:
         """Register the handler's events on ``engine`` (once).
 
         Args:
-            engine: an adversarial trainer that fires ``AdversarialEvents.ATTACK_COMPLETED``.
+            engine: an adversarial trainer that fires ``AttackEvents.ATTACK_COMPLETED``.
         """
         if engine.has_event_handler(self.epoch_completed, Events.EPOCH_COMPLETED):
             return
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
-        engine.add_event_handler(AdversarialEvents.ATTACK_COMPLETED, self.attack_completed)
+        engine.add_event_handler(AttackEvents.ATTACK_COMPLETED, self.attack_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def epoch_started(self, engine: Engine) -> None:
@@ -151,15 +151,15 @@ class MarginHandler:
             ValueError: when the output has no sample indices.
         """
         out = engine.state.output
-        if out.get(AdversarialKeys.INDEX) is None:
+        if out.get(AttackKeys.INDEX) is None:
             raise ValueError("MarginHandler needs sample indices in the batch ('index' key; see AMATTrainer).")
         self.table.record(
-            out[AdversarialKeys.INDEX],
-            out[AdversarialKeys.CLEAN_CORRECT],
-            out[AdversarialKeys.FOUND],
-            out[AdversarialKeys.NOISE_NORM],
-            out[AdversarialKeys.BOUNDARY_NORM],
-            out.get(AdversarialKeys.START_WRONG),
+            out[AttackKeys.INDEX],
+            out[AttackKeys.CLEAN_CORRECT],
+            out[AttackKeys.FOUND],
+            out[AttackKeys.NOISE_NORM],
+            out[AttackKeys.BOUNDARY_NORM],
+            out.get(AttackKeys.START_WRONG),
             None if self.group_fn is None else self.group_fn(out),
         )
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from monai_amat.engines.utils import AdversarialEvents
+from monai_amat.keys import AttackEvents
 from monai_amat.utils import atomic_write, is_rank0, write_json
 
 if TYPE_CHECKING:
@@ -139,8 +139,8 @@ class RobustnessReport:
         Args:
             engine: a :py:class:`monai_amat.engines.RobustEvaluator`.
         """
-        if not engine.has_event_handler(self, AdversarialEvents.ROBUSTNESS_COMPLETED):
-            engine.add_event_handler(AdversarialEvents.ROBUSTNESS_COMPLETED, self)
+        if not engine.has_event_handler(self, AttackEvents.ROBUSTNESS_COMPLETED):
+            engine.add_event_handler(AttackEvents.ROBUSTNESS_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         """Build the report from ``engine.state.robustness`` and write it (rank 0)."""
