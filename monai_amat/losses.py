@@ -10,9 +10,33 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from monai_amat.transforms.landmarks import split_landmark_output
+__all__ = [
+    "PerSampleLoss",
+    "PerSampleDiceCELoss",
+    "SegPGDLoss",
+    "PerSampleLandmarkLoss",
+    "PerImageDetectionLoss",
+    "split_landmark_output",
+]
 
-__all__ = ["PerSampleLoss", "PerSampleDiceCELoss", "SegPGDLoss", "PerSampleLandmarkLoss", "PerImageDetectionLoss"]
+
+def split_landmark_output(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a ``(B, 3K, H, W)`` output into heatmap logits, x-offsets and y-offsets, each ``(B, K, H, W)``.
+
+    Also exported by :py:mod:`monai_amat.transforms` (its first home), for the landmark decoding.
+
+    Args:
+        pred: the landmark network's output.
+
+    Returns:
+        ``(heatmap logits, x-offsets, y-offsets)``.
+
+    Raises:
+        ValueError: when the channel count is not a multiple of 3.
+    """
+    if pred.shape[1] % 3:
+        raise ValueError(f"a landmark output needs 3K channels (heatmap, x-offset, y-offset), got {pred.shape[1]}.")
+    return torch.chunk(pred, 3, dim=1)
 
 
 def _identity_key(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:

@@ -16,6 +16,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Resize
 
+from monai_amat.losses import split_landmark_output
+
 __all__ = [
     "ResizeWithLandmarksd",
     "LandmarkTargetd",
@@ -45,17 +47,6 @@ def landmark_target(landmarks: torch.Tensor, size: Sequence[int], radius: float)
     dy = landmarks[:, 1, None, None] - ys
     disk = ((dx**2 + dy**2) <= radius**2).float()
     return torch.cat([disk, disk * dx / radius, disk * dy / radius], dim=0)
-
-
-def split_landmark_output(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split a ``(B, 3K, H, W)`` output into heatmap logits, x-offsets and y-offsets, each ``(B, K, H, W)``.
-
-    Raises:
-        ValueError: when the channel count is not a multiple of 3.
-    """
-    if pred.shape[1] % 3:
-        raise ValueError(f"a landmark output needs 3K channels (heatmap, x-offset, y-offset), got {pred.shape[1]}.")
-    return torch.chunk(pred, 3, dim=1)
 
 
 def decode_landmarks(pred: torch.Tensor, radius: float, threshold: float = 0.5) -> torch.Tensor:
