@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -15,10 +15,23 @@ from monai.utils.enums import CommonKeys as Keys
 from monai_amat.attacks import PGD, AttackResult, check_per_sample, map_tensors, to_float32
 from monai_amat.keys import AttackEvents, AttackKeys
 
-if TYPE_CHECKING:
-    from monai_amat.handlers.margin_handler import MarginHandler
+__all__ = ["RobustTrainer", "AMATTrainer", "SATTrainer", "MarginSource"]
 
-__all__ = ["RobustTrainer", "AMATTrainer", "SATTrainer"]
+
+class MarginSource(Protocol):
+    """What :py:class:`AMATTrainer` needs of its margins (:py:class:`monai_amat.handlers.MarginHandler` has it).
+
+    The engines do not import the handlers: this protocol states the contract instead.
+    """
+
+    def attach(self, engine: Any) -> None:
+        """Register the per-iteration and per-epoch margin updates on the trainer."""
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """The current margins of the samples with these indices."""
+
+    def start_radius(self, margins: torch.Tensor) -> torch.Tensor:
+        """AMAT's random-start radius for these margins."""
 
 
 class RobustTrainer(SupervisedTrainer):
@@ -318,7 +331,7 @@ class AMATTrainer(RobustTrainer):
         kwargs: keyword arguments of :py:class:`RobustTrainer` (``beta`` defaults to 0.5).
     """
 
-    def __init__(self, *args: Any, margin_handler: MarginHandler, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, margin_handler: MarginSource, **kwargs: Any) -> None:
         handlers = [h for h in kwargs.pop("train_handlers", None) or [] if h is not margin_handler]
         super().__init__(*args, train_handlers=[margin_handler, *handlers], **kwargs)
         self.margin_handler = margin_handler
