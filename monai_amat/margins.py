@@ -103,7 +103,7 @@ class MarginTable:
         self.num_samples = int(num_samples)
         self.delta = float(delta)
         self.max_margin = float(max_margin)
-        self.estimate_mode = estimate
+        self.estimate_from = estimate
         self.reset_clean_wrong = bool(reset_clean_wrong)
         self.group_name = str(group_name)
         self.margins = torch.full((self.num_samples,), self.delta)
@@ -111,7 +111,7 @@ class MarginTable:
 
     def begin_epoch(self) -> None:
         """Start an epoch's bookkeeping: estimates start at the margins, no sample seen yet."""
-        self.estimate = self.margins.clone()
+        self.boundary_estimate = self.margins.clone()
         self.seen = torch.zeros(self.num_samples, dtype=torch.bool)
         self.found = torch.zeros(self.num_samples, dtype=torch.bool)
         self.clean_wrong = torch.zeros(self.num_samples, dtype=torch.bool)
@@ -182,13 +182,13 @@ class MarginTable:
         indices = self.check_indices(indices)
         found = torch.as_tensor(found).detach().cpu().bool().reshape(-1)
         wrong = ~torch.as_tensor(clean_correct).detach().cpu().bool().reshape(-1)
-        norm = (noise_norm if self.estimate_mode == "final" else boundary_norm).detach().cpu().float().reshape(-1)
+        norm = (noise_norm if self.estimate_from == "final" else boundary_norm).detach().cpu().float().reshape(-1)
         unique, inverse = torch.unique(indices, return_inverse=True)
         count = torch.zeros(len(unique)).index_add_(0, inverse, torch.ones(len(indices)))
         mean_norm = torch.zeros(len(unique)).index_add_(0, inverse, norm) / count
         any_found = torch.zeros(len(unique)).index_add_(0, inverse, found.float()) > 0
         any_wrong = torch.zeros(len(unique)).index_add_(0, inverse, wrong.float()) > 0
-        self.estimate[unique] = (self.estimate[unique] + mean_norm) / 2
+        self.boundary_estimate[unique] = (self.boundary_estimate[unique] + mean_norm) / 2
         self.found[unique] |= any_found
         self.clean_wrong[unique] |= any_wrong
         self.seen[unique] = True
@@ -212,7 +212,9 @@ class MarginTable:
         expand = correct & ~self.found
         refine = correct & self.found
         reset = self.seen & self.clean_wrong if self.reset_clean_wrong else None
-        self.margins = margin_update(self.margins, expand, refine, self.estimate, self.delta, self.max_margin, reset)
+        self.margins = margin_update(
+            self.margins, expand, refine, self.boundary_estimate, self.delta, self.max_margin, reset
+        )
         stats = {
             "margin_mean": float(self.margins.mean()),
             "margin_min": float(self.margins.min()),
@@ -236,7 +238,7 @@ class MarginTable:
         """Tensors only, so checkpoints load with ``weights_only=True``."""
         return {
             "margins": self.margins.clone(),
-            "estimate": self.estimate.clone(),
+            "estimate": self.boundary_estimate.clone(),
             "seen": self.seen.clone(),
             "found": self.found.clone(),
             "clean_wrong": self.clean_wrong.clone(),
@@ -265,7 +267,7 @@ class MarginTable:
                 "it comes from another data set (or another size of it)."
             )
         self.margins = torch.as_tensor(state["margins"]).float().clone()
-        self.estimate = torch.as_tensor(state["estimate"]).float().clone()
+        self.boundary_estimate = torch.as_tensor(state["estimate"]).float().clone()
         self.seen = torch.as_tensor(state["seen"]).bool().clone()
         self.found = torch.as_tensor(state["found"]).bool().clone()
         self.clean_wrong = torch.as_tensor(state["clean_wrong"]).bool().clone()

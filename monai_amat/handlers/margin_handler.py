@@ -206,13 +206,13 @@ class MarginHandler:
         t = self.table
         seen = t.seen.double()
         flags = (t.found, t.clean_wrong, t.start_wrong, t.group, t.grouped)
-        packed = torch.stack([seen, t.estimate.double() * seen, *((f & t.seen).double() for f in flags)])
+        packed = torch.stack([seen, t.boundary_estimate.double() * seen, *((f & t.seen).double() for f in flags)])
         packed = packed.to(device)
         dist.all_reduce(packed)
         packed = packed.cpu()
         count = packed[0]
         t.seen = count > 0
-        t.estimate = torch.where(t.seen, packed[1] / count.clamp(min=1), t.estimate.double()).float()
+        t.boundary_estimate = torch.where(t.seen, packed[1] / count.clamp(min=1), t.boundary_estimate.double()).float()
         t.found, t.clean_wrong, t.start_wrong, t.group, t.grouped = (packed[i] > 0 for i in range(2, 7))
 
     def state_dict(self) -> dict[str, Any]:
