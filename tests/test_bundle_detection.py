@@ -20,6 +20,7 @@ BUNDLE = "bccd_cell_detection_amat"
 SPATIAL = DETECTION_SPATIAL
 
 
+@pytest.mark.slow  # starts processes
 def test_detection_bundle_all_configs(tmp_path):
     out = {k: tmp_path / k for k in ("std", "amat", "sat")}
     run(config_file=configs(BUNDLE, "train", "train_std"), output_dir=str(out["std"]), **detection_tiny(tmp_path))
@@ -155,6 +156,7 @@ def test_missing_data_and_bad_settings_are_named(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # starts processes
 def test_two_gloo_ranks_train_the_detector(tmp_path):
     """multi_gpu_train.json under torchrun on CPU: every training image once per epoch in margins.csv, one model."""
     out = tmp_path / "ddp"

@@ -14,6 +14,7 @@ from tests.helpers import CHECKS, chain, ckpt_export, configs, landmark_tiny
 BUNDLE = "isbi2015_ceph_landmark_amat"
 
 
+@pytest.mark.slow  # starts processes
 def test_landmark_bundle_all_configs(tmp_path):
     out = {k: tmp_path / k for k in ("std", "amat", "sat")}
     run(config_file=configs(BUNDLE, "train", "train_std"), output_dir=str(out["std"]), **landmark_tiny(tmp_path))

@@ -77,6 +77,7 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
     assert pred.shape == image.shape[:3] and np.allclose(pred.affine, image.affine, atol=1e-5)
 
 
+@pytest.mark.slow  # starts processes
 def test_ckpt_export_and_real_data_on_any_msd_folder(tmp_path):
     """`--data_source real` reads an MSD folder with other file names, modalities and labels."""
     custom = make_embedded_msd(tmp_path / "src", "Task05_Prostate", num_cases=6, seed=3, shape=(24, 24, 6))

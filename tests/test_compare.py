@@ -69,6 +69,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # starts processes
 def test_compare_runs_skips_resumes_and_reevaluates(tmp_path, capsys, one_thread):
     out = tmp_path / "cmp"
     args = tiny_args(tmp_path, out, "--in_process")
@@ -357,6 +358,7 @@ def test_argument_errors_name_the_argument(tmp_path, capsys, extra, message):
     assert not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.slow  # starts processes
 def test_help():
     proc = subprocess.run(
         [sys.executable, "-m", "monai_amat.compare", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -377,6 +379,7 @@ def _processes_with(text):
     return pids
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_runner_stops_its_stage_and_the_retry_keeps_the_log(tmp_path):
     out = tmp_path / "cmp"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from monai.bundle import ConfigParser
 
@@ -15,6 +16,7 @@ BUNDLE = "msd_hippocampus_seg_amat"
 N = 47  # one sample fewer than the 48 slices of 6 embedded cases: DistributedSampler pads rank 1 with a repeat
 
 
+@pytest.mark.slow  # starts processes
 def test_two_gloo_ranks_share_one_margin_table(tmp_path):
     """torchrun, 2 processes, the bundle's multi_gpu_train.json; a NaN loss on rank 1 at iteration 2 is skipped."""
     out = tmp_path / "amat"

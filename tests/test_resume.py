@@ -69,6 +69,7 @@ def _epochs_in_csv(path):
     return sorted({line.split(",")[0] for line in path.read_text().splitlines()[1:]})
 
 
+@pytest.mark.slow  # starts processes
 def test_killed_twice_and_resumed_ends_as_the_uninterrupted_run(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     settings = tiny(tmp_path)
