@@ -311,7 +311,7 @@ class _Stage:
     def same_settings(self, record: Mapping[str, Any] | None) -> bool:
         """Whether an earlier record was written with this stage's settings (keys the stage does not use aside)."""
         old = (record or {}).get("settings")
-        return isinstance(old, dict) and {k: v for k, v in old.items() if k not in self.unused} == self.settings
+        return isinstance(old, dict) and _used(old, self.unused) == self.settings
 
     @property
     def record(self) -> Path:
@@ -1302,8 +1302,6 @@ def _parse_overrides(tokens: Sequence[str], parser: argparse.ArgumentParser) -> 
                 parser.error(f"argument --{key}: expected one value (a config override is --{key} VALUE)")
             value = tokens[i + 1]
             i += 1
-        if key in overrides:
-            parser.error(f"argument --{key}: given twice")
         overrides[key] = _literal(value)
         i += 1
     return overrides
@@ -1335,10 +1333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["epochs"] = args.epochs
     if args.attack_steps is not None:
         overrides["attack_steps"] = overrides["train_attack_steps"] = args.attack_steps
-    for key, value in passthrough.items():
-        if key in ("epochs", "attack_steps", "data_source", "dataset_dir"):
-            parser.error(f"argument --{key}: given twice")
-        overrides[key] = value
+    overrides.update(passthrough)  # a repeated option was refused above
     try:
         comparison = Comparison(
             args.bundle, args.output_dir, overrides, args.sat_eps, in_process=args.in_process, seeds=args.seeds

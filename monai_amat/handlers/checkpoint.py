@@ -17,7 +17,7 @@ from monai.handlers import CheckpointSaver
 from monai.transforms import Randomizable, Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_amat.utils import atomic_write, is_rank0, rank_world
+from monai_amat.utils import atomic_write, is_rank0, rank_world, root_cause
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -266,7 +266,7 @@ class TrainingCheckpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, corrupted, or not a checkpoint: torch's message does not name the file
-            raise ValueError(f"{self.path} cannot be read as a checkpoint ({type(e).__name__}: {e}).") from e
+            raise ValueError(f"{self.path} cannot be read as a checkpoint ({root_cause(e)}).") from e
         meta = state.get("meta", {})
         for key, mine in self.meta.items():
             if mine and meta.get(key) != mine:
