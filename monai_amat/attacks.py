@@ -18,7 +18,18 @@ import torch
 from monai.utils import convert_to_dst_type
 from torch import nn
 
-__all__ = ["PGD", "APGD", "AttackResult", "per_sample_norm", "check_per_sample", "map_tensors", "to_float32"]
+from monai_amat.criteria import LossThresholdCriterion
+
+__all__ = [
+    "PGD",
+    "APGD",
+    "AttackResult",
+    "per_sample_norm",
+    "check_per_sample",
+    "loss_and_correct",
+    "map_tensors",
+    "to_float32",
+]
 
 NORMS = ("l2", "linf")
 # normalisation layers whose running statistics must not move while an attack runs the network in train mode
@@ -61,6 +72,40 @@ def check_per_sample(loss: torch.Tensor, batch_size: int, name: str = "loss_fn")
             "(see monai_amat.losses.PerSampleLoss)."
         )
     return loss
+
+
+def loss_and_correct(
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    pred: Any,
+    targets: Any,
+    batch_size: int,
+    criterion: Callable[[Any, Any], torch.Tensor] | None = None,
+    name: str = "loss_fn",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-sample loss of a prediction and, with a criterion, which samples are correct.
+
+    A criterion that judges the loss's own components (:py:meth:`LossThresholdCriterion.judges`) gets the components
+    the loss has just summed instead of computing them again; any other criterion sees the detached prediction.
+
+    Args:
+        loss_fn: the per-sample loss.
+        pred: the prediction.
+        targets: the targets.
+        batch_size: number of samples.
+        criterion: ``criterion(pred, target) -> BoolTensor[B]``; None skips it.
+        name: how to call the loss in an error message.
+
+    Returns:
+        ``(loss (B,), correct (B,) bool or None)``.
+
+    Raises:
+        ValueError: when the loss is not one value per sample.
+    """
+    if isinstance(criterion, LossThresholdCriterion) and criterion.judges(loss_fn):
+        parts = loss_fn.components(pred, targets)
+        return check_per_sample(loss_fn.total(parts), batch_size, name), criterion.check(parts)
+    loss = check_per_sample(loss_fn(pred, targets), batch_size, name)
+    return loss, None if criterion is None else criterion(map_tensors(pred, torch.Tensor.detach), targets)
 
 
 def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -249,17 +294,15 @@ class PGD:
         def evaluate(adv: torch.Tensor, grad: bool, loss: bool = True) -> tuple[Any, Any]:
             """Forward pass of one iterate: its loss (and input gradient) when asked, the criterion when tracking."""
             adv = adv.detach().requires_grad_(grad)
+            value, correct = None, None
             with torch.set_grad_enabled(grad):
                 pred = to_float32(forward(adv))
-                value = check_per_sample(self.loss_fn(pred, targets), batch) if loss or grad else None
+                if loss or grad:
+                    value, correct = loss_and_correct(self.loss_fn, pred, targets, batch, criterion)
             if track:
-                self._track(
-                    criterion(map_tensors(pred, torch.Tensor.detach), targets),
-                    adv.detach() - x,
-                    found,
-                    boundary,
-                    brackets,
-                )
+                if correct is None:
+                    correct = criterion(map_tensors(pred, torch.Tensor.detach), targets)
+                self._track(correct, adv.detach() - x, found, boundary, brackets)
                 if not first_checked:
                     first_checked.append(found.clone())
             gradient = torch.autograd.grad(value.sum(), adv)[0] if grad else None

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_amat.losses import ComponentLoss
 from monai_amat.utils import read_json, write_json
 
 __all__ = [
@@ -230,12 +231,38 @@ class LossThresholdCriterion:
         Raises:
             KeyError: when the loss does not return a component that has a threshold.
         """
-        components = self.components_fn(pred, target)
+        return self.check(self.components_fn(pred, target))
+
+    def check(self, components: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The criterion on components already computed (an attack hands over those it has just ascended).
+
+        Args:
+            components: ``{name: Tensor[B]}``, at least one per threshold.
+
+        Returns:
+            ``(B,)`` bool, True where every component is at most its threshold.
+
+        Raises:
+            KeyError: when a component that has a threshold is missing.
+        """
         missing = [k for k in self.thresholds if k not in components]
         if missing:
             raise KeyError(f"loss components {sorted(components)} lack {missing}, which have thresholds.")
         ok = [components[k].detach() <= thr for k, thr in self.thresholds.items()]
         return torch.stack(ok).all(0)
+
+    def judges(self, loss_fn: Any) -> bool:
+        """Whether this criterion reads the components that ``loss_fn`` sums.
+
+        True when ``components_fn`` is ``loss_fn.components``: an attack may then compute them once and hand them over.
+
+        Args:
+            loss_fn: an attack's loss.
+
+        Returns:
+            True for a :py:class:`~monai_amat.losses.ComponentLoss` whose ``components`` is this criterion's source.
+        """
+        return isinstance(loss_fn, ComponentLoss) and self.components_fn == loss_fn.components
 
 
 def _normal_cdf(x: float) -> float:

@@ -1,74 +1,10 @@
-"""What the bundles' ``multi_gpu_train.json`` needs besides ``torch.distributed``: handlers and writers per rank.
+"""Moved to :py:mod:`monai_amat.apps.distributed`.
 
-Every rank runs the handlers that change the training (learning-rate schedule, validation, whose metrics are
-gathered over the ranks, early stopping); only rank 0 runs those that write or print (statistics, TensorBoard,
-checkpoints, progress bar), so no file is written twice.
+This path keeps working, with a ``FutureWarning``, for one release.
 """
 
-from __future__ import annotations
+import sys
 
-import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from monai_amat.utils import moved_module
 
-from monai.handlers import EarlyStopHandler, LrScheduleHandler, ValidationHandler
-
-from monai_amat.handlers import MarginHandler
-from monai_amat.utils import is_rank0
-
-__all__ = ["EVERY_RANK", "NullSummaryWriter", "main_rank_handlers", "rank0_summary_writer"]
-
-# the handlers every rank needs (subclasses too); a handler with an attribute ``every_rank = True`` counts as well
-EVERY_RANK: tuple[type, ...] = (LrScheduleHandler, ValidationHandler, EarlyStopHandler, MarginHandler)
-
-
-def main_rank_handlers(handlers: Iterable[Any] | None, every_rank: Sequence[type] = EVERY_RANK) -> list[Any]:
-    """The handlers this rank attaches.
-
-    All of them on rank 0 (or without ``torch.distributed``); on the other ranks only those that change the training:
-    instances of ``every_rank`` (subclasses included) and handlers whose ``every_rank`` attribute is True.
-
-    Args:
-        handlers: the config's handler list (None: no handlers).
-        every_rank: the handler classes every rank needs.
-
-    Returns:
-        A new list of handlers.
-    """
-    handlers = list(handlers or [])
-    if is_rank0():
-        return handlers
-    return [h for h in handlers if isinstance(h, tuple(every_rank)) or getattr(h, "every_rank", False) is True]
-
-
-class NullSummaryWriter:
-    """A stand-in for ``torch.utils.tensorboard.SummaryWriter`` that writes nothing, for ranks other than 0.
-
-    Every method (``add_scalar``, ``add_histogram``, ``flush``, ``close``, any other) does nothing and creates no file.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _nothing
-
-
-def _nothing(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def rank0_summary_writer(log_dir: str | os.PathLike, **kwargs: Any) -> Any:
-    """A TensorBoard ``SummaryWriter`` on rank 0, a :py:class:`NullSummaryWriter` on the other ranks.
-
-    Args:
-        log_dir: the TensorBoard folder.
-        kwargs: other ``SummaryWriter`` arguments.
-
-    Returns:
-        The writer.
-    """
-    if not is_rank0():
-        return NullSummaryWriter()
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(log_dir), **kwargs)
+sys.modules[__name__] = moved_module(__name__, "monai_amat.apps.distributed")

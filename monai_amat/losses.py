@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from monai.losses import DiceLoss
 from torch import nn
 
 __all__ = [
+    "ComponentLoss",
     "PerSampleLoss",
     "PerSampleDiceCELoss",
     "SegPGDLoss",
@@ -52,35 +53,22 @@ def _same_identity(key: list[tuple[torch.Tensor, int]], tensors: Sequence[torch.
     return len(key) == len(tensors) and all(k is t and v == t._version for (k, v), t in zip(key, tensors))
 
 
-class _LastComponents:
-    """A loss's last per-sample components, returned again (detached) for detached views of the same prediction.
+@runtime_checkable
+class ComponentLoss(Protocol):
+    """A per-sample loss that is a weighted sum of named per-sample components.
 
-    The targets must be the very same tensors. This is an attack's criterion right after the loss it ascended: it
-    sees the values the attack computed instead of computing them again.
-
-    The cache keeps the prediction tensors alive, so equal storage, shape, strides and version mean equal data.
+    ``loss(pred, target) == loss.total(loss.components(pred, target))``. An attack whose criterion judges these very
+    components (:py:class:`~monai_amat.criteria.LossThresholdCriterion` built on ``loss.components``) computes them
+    once per iterate, sums them for the gradient and hands them to the criterion.
     """
 
-    def __init__(self) -> None:
-        self.last: tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]], dict[str, torch.Tensor]] | None = None
+    def components(self, pred: Any, target: Any) -> dict[str, torch.Tensor]:
+        """``{name: (B,) tensor}``, the per-sample components."""
+        ...
 
-    def get(self, pred: list[torch.Tensor], target: list[torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        if self.last is None or any(p.requires_grad for p in pred):
-            return None
-        last_pred, last_target, parts = self.last
-        same_pred = len(last_pred) == len(pred) and all(
-            a.data_ptr() == b.data_ptr()
-            and a.shape == b.shape
-            and a.stride() == b.stride()
-            and a._version == b._version
-            for a, b in zip(last_pred, pred)
-        )
-        if same_pred and _same_identity(last_target, target):
-            return {k: v.detach() for k, v in parts.items()}
-        return None
-
-    def put(self, pred: list[torch.Tensor], target: list[torch.Tensor], parts: dict[str, torch.Tensor]) -> None:
-        self.last = (list(pred), _identity_key(target), parts)
+    def total(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` the weighted sum of ``parts``."""
+        ...
 
 
 class PerSampleLoss(nn.Module):
@@ -248,7 +236,6 @@ class PerSampleLandmarkLoss(nn.Module):
         self.lambda_offset = lambda_offset
         self.lambda_heatmap = lambda_heatmap
         self.smooth = smooth
-        self._last = _LastComponents()
 
     def components(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample loss components.
@@ -258,12 +245,8 @@ class PerSampleLandmarkLoss(nn.Module):
             target: ``(B, 3K, H, W)`` as made by ``LandmarkTargetd``.
 
         Returns:
-            ``{"heatmap", "offset_x", "offset_y"}``, each ``(B,)``; a call on a detached view of the previous call's
-            ``pred`` with the same ``target`` returns the previous values, detached.
+            ``{"heatmap", "offset_x", "offset_y"}``, each ``(B,)``.
         """
-        repeated = self._last.get([pred], [target])
-        if repeated is not None:
-            return repeated
         heat, off_x, off_y = split_landmark_output(pred)
         disk, tx, ty = split_landmark_output(target)
         if self.heatmap == "dice":
@@ -274,18 +257,33 @@ class PerSampleLandmarkLoss(nn.Module):
         else:
             heat_loss = F.binary_cross_entropy_with_logits(heat, disk, reduction="none").flatten(1).mean(1)
         area = disk.flatten(1).sum(1).clamp_min(1.0)
-        parts = {
+        return {
             "heatmap": heat_loss,
             "offset_x": ((off_x - tx).abs() * disk).flatten(1).sum(1) / area,
             "offset_y": ((off_y - ty).abs() * disk).flatten(1).sum(1) / area,
         }
-        self._last.put([pred], [target], parts)
-        return parts
+
+    def total(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` ``lambda_heatmap * heatmap + lambda_offset * (offset_x + offset_y)`` of :py:meth:`components`."""
+        return self.lambda_heatmap * parts["heatmap"] + self.lambda_offset * (parts["offset_x"] + parts["offset_y"])
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(B,)`` per-sample loss."""
-        c = self.components(pred, target)
-        return self.lambda_heatmap * c["heatmap"] + self.lambda_offset * (c["offset_x"] + c["offset_y"])
+        return self.total(self.components(pred, target))
+
+
+def _flatten_head_maps(maps: Sequence[torch.Tensor], num_anchors: int) -> torch.Tensor:
+    """Head output maps ``[(B, A*C, *grid_k)]`` as one ``(B, sum_k(prod(grid_k) * A), C)`` tensor.
+
+    The layout of MONAI's ``RetinaNetDetector`` (its private ``_reshape_maps``): grid positions first, then anchors.
+    """
+    flat = []
+    for m in maps:
+        batch, spatial = m.shape[0], m.shape[2:]
+        view = m.view(batch, num_anchors, m.shape[1] // num_anchors, *spatial)
+        order = (0, *range(3, 3 + len(spatial)), 1, 2)
+        flat.append(view.permute(order).reshape(batch, -1, view.shape[2]))
+    return torch.cat(flat, dim=1)
 
 
 class PerImageDetectionLoss:
@@ -294,24 +292,23 @@ class PerImageDetectionLoss:
     MONAI's ``RetinaNetDetector`` returns the classification and box-regression losses of the whole batch; AMAT
     needs each image's. This computes them image by image with the detector's own anchors, matcher, sampler and
     loss functions, from what ``detector.network`` returns (``{cls_key: [maps], box_reg_key: [maps]}``), so the
-    network can be trained, attacked and calibrated like any other. The anchors are laid out on the spatial size of
-    the network's latest input (a forward pre-hook on ``detector.network`` records it), so the loss must follow
-    the forward pass that produced ``pred``, as engines and attacks do. The anchor-to-box matching depends on the
-    boxes only, so it is kept while the same target tensors come back (a training iteration's clean pass, attack
-    iterates and adversarial pass match once). A call on the detached head outputs of the previous call (an attack's
-    criterion after its loss) returns the previous values, detached, instead of drawing new hard negatives. The hard
-    negative sampler draws from the torch random generator, as in the detector.
+    network can be trained, attacked and calibrated like any other. The anchors are laid out on the image size that
+    each target carries under ``image_size_key`` (:py:class:`~monai_amat.data.PrepareDetectionBatch` sets it). The
+    anchor-to-box matching depends on the boxes only, so it is kept while the same target tensors come back (a
+    training iteration's clean pass, attack iterates and adversarial pass match once). The hard negative sampler
+    draws from the torch random generator, as in the detector.
 
     Args:
         detector: a configured ``RetinaNetDetector`` (matcher and sampler set, e.g. by
             :py:func:`monai_amat.networks.retinanet_detector`).
         weights: weight of each component in the total, by key (default 1 each).
+        image_size_key: the targets' key of the spatial size of the network's input images.
 
     Raises:
         ValueError: for a weight key that is not one of the detector's loss keys.
     """
 
-    def __init__(self, detector: Any, weights: dict[str, float] | None = None) -> None:
+    def __init__(self, detector: Any, weights: dict[str, float] | None = None, image_size_key: str = "image_size"):
         self.detector = detector
         self.keys = (detector.cls_key, detector.box_reg_key)
         self.weights = {k: 1.0 for k in self.keys}
@@ -319,24 +316,23 @@ class PerImageDetectionLoss:
         if unknown:
             raise ValueError(f"loss weights {unknown} are not detector losses; use {list(self.keys)}.")
         self.weights.update({k: float(v) for k, v in (weights or {}).items()})
-        self.input_shape: tuple[int, ...] | None = None
+        self.image_size_key = image_size_key
         self._matched: tuple[list[tuple[torch.Tensor, int]], torch.Tensor, list[torch.Tensor]] | None = None
         self._layout_anchors: tuple[tuple, torch.Tensor] | None = None
-        self._last = _LastComponents()
-        detector.network.register_forward_pre_hook(self._record_input)
 
-    def _record_input(self, module: nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            self.input_shape = tuple(args[0].shape)
-
-    def _anchors(self, cls_maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The anchors of one image of the latest input's size, for these head output maps."""
-        if self.input_shape is None or self.input_shape[0] != cls_maps[0].shape[0]:
+    def _image_size(self, target: Sequence[dict]) -> tuple[int, ...]:
+        """The one spatial size of the batch's images, as its targets give it."""
+        sizes = {tuple(int(s) for s in t[self.image_size_key]) for t in target if self.image_size_key in t}
+        if len(sizes) != 1 or any(self.image_size_key not in t for t in target):
             raise ValueError(
-                "PerImageDetectionLoss takes the image size from detector.network's latest input; call it on the "
-                f"output of detector.network (batch {cls_maps[0].shape[0]}, latest input {self.input_shape})."
+                f"PerImageDetectionLoss lays the anchors out on the images' spatial size, which every target must give "
+                f"under '{self.image_size_key}' (PrepareDetectionBatch sets it); got {sorted(sizes)} in "
+                f"{len(target)} target(s)."
             )
-        spatial = self.input_shape[2:]
+        return sizes.pop()
+
+    def _anchors(self, cls_maps: Sequence[torch.Tensor], spatial: tuple[int, ...]) -> torch.Tensor:
+        """The anchors of one image of size ``spatial``, for these head output maps."""
         for m in cls_maps:
             if any(s % g for s, g in zip(spatial, m.shape[2:])):
                 raise ValueError(
@@ -344,7 +340,7 @@ class PerImageDetectionLoss:
                     "give the network inputs divisible by its largest stride (the bundles' spatial_size)."
                 )
         # the anchors depend on the sizes and device only: made once per layout, not on every attack iterate
-        layout = (tuple(spatial), tuple(tuple(m.shape[2:]) for m in cls_maps), cls_maps[0].device, cls_maps[0].dtype)
+        layout = (spatial, tuple(tuple(m.shape[2:]) for m in cls_maps), cls_maps[0].device, cls_maps[0].dtype)
         if self._layout_anchors is None or self._layout_anchors[0] != layout:
             shape = (1, 0, *spatial)
             anchors = self.detector.anchor_generator(torch.empty(shape, device=cls_maps[0].device), cls_maps)[0]
@@ -367,37 +363,35 @@ class PerImageDetectionLoss:
 
         Args:
             pred: the network's head outputs, ``{cls_key: [(B, A*classes, *grid_k)], box_reg_key: [...]}``.
-            target: one dict per image with the detector's box and label keys.
+            target: one dict per image with the detector's box and label keys and ``image_size_key``.
 
         Returns:
             ``{cls_key: (B,), box_reg_key: (B,)}``.
 
         Raises:
-            ValueError: when the targets are not one per image, ``pred`` does not come from the latest forward pass
-                of ``detector.network``, or the input size is not a multiple of the feature maps'.
+            ValueError: when the targets are not one per image, do not give one image size, or the image size is not
+                a multiple of the feature maps'.
         """
         det = self.detector
         cls_maps, box_maps = list(pred[det.cls_key]), list(pred[det.box_reg_key])
-        boxes = [t[det.target_box_key] for t in target]
-        repeated = self._last.get(cls_maps + box_maps, boxes)
-        if repeated is not None:
-            return repeated
         batch = cls_maps[0].shape[0]
         if len(target) != batch:
             raise ValueError(f"{len(target)} targets for {batch} images; give one dict of boxes and labels per image.")
-        cls_logits, box_regression = det._reshape_maps(cls_maps), det._reshape_maps(box_maps)
-        anchors = self._anchors(cls_maps)
+        anchors = self._anchors(cls_maps, self._image_size(target))
+        cls_logits = _flatten_head_maps(cls_maps, det.num_anchors_per_loc)
+        box_regression = _flatten_head_maps(box_maps, det.num_anchors_per_loc)
         matched = self._match(anchors, target, [m.shape[2:].numel() for m in cls_maps])
         cls, box = [], []
         for i in range(batch):
             cls.append(det.compute_cls_loss(cls_logits[i : i + 1], target[i : i + 1], matched[i : i + 1]))
             box_i = det.compute_box_loss(box_regression[i : i + 1], target[i : i + 1], [anchors], matched[i : i + 1])
             box.append(box_i.to(box_regression))
-        parts = {det.cls_key: torch.stack(cls), det.box_reg_key: torch.stack(box)}
-        self._last.put(cls_maps + box_maps, boxes, parts)
-        return parts
+        return {det.cls_key: torch.stack(cls), det.box_reg_key: torch.stack(box)}
+
+    def total(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` the weighted sum of :py:meth:`components`."""
+        return sum(self.weights[k] * parts[k] for k in self.keys)
 
     def __call__(self, pred: dict[str, Sequence[torch.Tensor]], target: Sequence[dict]) -> torch.Tensor:
-        """The weighted sum of :py:meth:`components`, ``(B,)``."""
-        parts = self.components(pred, target)
-        return sum(self.weights[k] * v for k, v in parts.items())
+        """``(B,)`` the weighted sum of :py:meth:`components`."""
+        return self.total(self.components(pred, target))

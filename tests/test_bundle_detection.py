@@ -13,7 +13,7 @@ import torch
 from monai.bundle import run
 from PIL import Image
 
-from monai_amat.data.bccd import make_embedded_bccd
+from monai_amat.data.synthetic import make_embedded_bccd
 from tests.helpers import CHECKS, DETECTION_SPATIAL, ROOT, chain, ckpt_export, configs, detection_tiny
 
 BUNDLE = "bccd_cell_detection_amat"

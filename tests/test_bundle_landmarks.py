@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.bundle import run
 
-from monai_amat.data.isbi2015 import make_embedded_isbi2015
+from monai_amat.data.synthetic import make_embedded_isbi2015
 from tests.helpers import CHECKS, chain, ckpt_export, configs, landmark_tiny
 
 BUNDLE = "isbi2015_ceph_landmark_amat"

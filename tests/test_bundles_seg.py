@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import run
 
-from monai_amat.data.msd import make_embedded_msd
+from monai_amat.data.synthetic import make_embedded_msd
 from tests.helpers import CHECKS, SEG_BUNDLES, chain, ckpt_export, configs, tiny
 
 BUNDLES = SEG_BUNDLES

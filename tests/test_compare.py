@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_amat.compare import claims_verdict, load_model_result, main, write_comparison
+from monai_amat.apps.compare import claims_verdict, load_model_result, main, write_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "msd_hippocampus_seg_amat"
@@ -150,7 +150,7 @@ def test_compare_runs_skips_resumes_and_reevaluates(tmp_path, capsys, one_thread
 
     # the default runner: one `python -m monai.bundle run` process per stage, its output shown and logged
     (out / "sat_4" / "robustness.json").unlink()
-    cmd = [sys.executable, "-m", "monai_amat.compare", *tiny_args(tmp_path, out, "--eps_list", "[0, 3]")]
+    cmd = [sys.executable, "-m", "monai_amat.apps.compare", *tiny_args(tmp_path, out, "--eps_list", "[0, 3]")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -354,16 +354,20 @@ def test_argument_errors_name_the_argument(tmp_path, capsys, extra, message):
         main([*args, *extra])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and "usage: python -m monai_amat.compare" in err
+    assert message in err and "usage: python -m monai_amat.apps.compare" in err
     assert not (tmp_path / "cmp").exists()
 
 
 @pytest.mark.slow  # starts processes
 def test_help():
     proc = subprocess.run(
-        [sys.executable, "-m", "monai_amat.compare", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "monai_amat.apps.compare", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    assert proc.stdout.startswith("usage: python -m monai_amat.compare --bundle BUNDLE --output_dir DIR")
+    assert proc.stdout.startswith("usage: python -m monai_amat.apps.compare --bundle BUNDLE --output_dir DIR")
     assert "[--KEY VALUE ...]" in proc.stdout and "--attack_steps K" in proc.stdout
 
 
@@ -383,7 +387,7 @@ def _processes_with(text):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_runner_stops_its_stage_and_the_retry_keeps_the_log(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "monai_amat.compare", *tiny_args(tmp_path, out)]
+    cmd = [sys.executable, "-m", "monai_amat.apps.compare", *tiny_args(tmp_path, out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runner = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     args_file = str(out / "std" / "compare_train_args.json")

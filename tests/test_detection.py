@@ -1,5 +1,7 @@
 """Detection building blocks: the torchvision-free RetinaNet, per-image losses, box resizing, batching and mAP."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from monai.data.box_utils import box_iou
 from monai.networks.nets.resnet import ResNet
 
 from monai_amat.attacks import PGD, per_sample_norm
+from monai_amat.criteria import LossThresholdCriterion
 from monai_amat.data import PrepareDetectionBatch, detection_collate
 from monai_amat.losses import PerImageDetectionLoss
 from monai_amat.metrics import DetectionMAP
@@ -42,14 +45,16 @@ def detector():
     return retinanet_detector(_network(), anchors, batch_size_per_image=32, min_neg=4, pool_size=4)
 
 
-def _targets(n=3):
+def _targets(n=3, size=SIZE):
     boxes = [
         [[4.0, 6.0, 14.0, 16.0], [30.0, 20.0, 50.0, 40.0]],
         [[10.0, 10.0, 18.0, 17.0]],
         [[0.0, 0.0, 20.0, 12.0], [40.0, 30.0, 60.0, 46.0], [22.0, 8.0, 30.0, 14.0]],
     ][:n]
     labels = [[0, 1], [2], [0, 0, 1]][:n]
-    return [{"boxes": torch.tensor(b), "labels": torch.tensor(lab)} for b, lab in zip(boxes, labels)]
+    return [
+        {"boxes": torch.tensor(b), "labels": torch.tensor(lab), "image_size": size} for b, lab in zip(boxes, labels)
+    ]
 
 
 def test_resnet_fpn_levels_and_bad_layers():
@@ -99,15 +104,16 @@ def test_per_image_loss_errors(detector):
     pred = detector.network(torch.rand(3, 3, *SIZE))
     with pytest.raises(ValueError, match="2 targets for 3 images"):
         loss(pred, _targets(2))
-    fresh = PerImageDetectionLoss(detector)
-    with pytest.raises(ValueError, match="latest input None"):
-        fresh(pred, _targets())  # pred did not come through the network since this loss was made
+    no_size = [{k: v for k, v in t.items() if k != "image_size"} for t in _targets()]
+    with pytest.raises(ValueError, match=r"under 'image_size'.*got \[\] in 3 target"):
+        loss(pred, no_size)
+    with pytest.raises(ValueError, match=r"got \[\(64, 48\)\] in 3 target"):
+        loss(pred, no_size[:1] + _targets()[1:])  # one target lacks it
+    with pytest.raises(ValueError, match=r"got \[\(32, 48\), \(64, 48\)\]"):
+        loss(pred, _targets(1, (32, 48)) + _targets()[1:])
     pred = detector.network(torch.rand(3, 3, 60, 48))
     with pytest.raises(ValueError, match=r"input size \[60, 48\] is not a multiple"):
-        loss(pred, _targets())
-    detector.network(torch.rand(2, 3, *SIZE))
-    with pytest.raises(ValueError, match="batch 3, latest input"):
-        loss(pred, _targets())
+        loss(pred, _targets(size=(60, 48)))
     with pytest.raises(ValueError, match="objectness"):
         PerImageDetectionLoss(detector, weights={"objectness": 1.0})
 
@@ -163,6 +169,7 @@ def test_collate_and_prepare_batch():
     assert images.shape == (3, 3, 8, 8)
     assert [tuple(t["boxes"].shape) for t in targets] == [(2, 4), (0, 4), (5, 4)]
     assert all(t["labels"].dtype == torch.int64 and t["boxes"].dtype == torch.float32 for t in targets)
+    assert [t["image_size"] for t in targets] == [(8, 8)] * 3
     with pytest.raises(KeyError, match="labels"):
         PrepareDetectionBatch()({"image": batch["image"], "boxes": batch["boxes"]})
 
@@ -230,29 +237,26 @@ def test_matching_is_reused_only_for_the_same_unchanged_boxes(detector):
     torch.manual_seed(3)
     edited = loss.components(pred, targets)
     assert len(calls) == 2
-    copies = [{k: v.clone() for k, v in t.items()} for t in targets]  # equal boxes in new tensors: matched again
+    # equal boxes in new tensors: matched again
+    copies = [{**t, "boxes": t["boxes"].clone(), "labels": t["labels"].clone()} for t in targets]
     torch.manual_seed(3)
     again = loss.components(pred, copies)
     assert len(calls) == 3 and all(torch.allclose(edited[k], again[k]) for k in edited)
 
 
-def test_detached_repeat_of_the_last_call_reuses_its_values(detector):
-    """An attack's criterion on the detached outputs it just ascended sees the same losses, computed once."""
+def test_attack_hands_the_detection_components_to_the_criterion(detector):
+    """The criterion judges the very losses each iterate ascended: one classification loss per image and iterate."""
     detector.network.train()
     images, targets = torch.rand(2, 3, *SIZE), _targets(2)
     loss, calls = PerImageDetectionLoss(detector), []
     compute = detector.compute_cls_loss
     detector.compute_cls_loss = lambda *a: calls.append(1) or compute(*a)
-    pred = detector.network(images)
-    first = loss.components(pred, targets)
-    assert len(calls) == 2 and first["classification"].requires_grad
-    again = loss.components({k: [m.detach() for m in v] for k, v in pred.items()}, targets)
-    assert len(calls) == 2 and all(torch.equal(first[k].detach(), again[k]) for k in first)
-    assert not again["classification"].requires_grad
-    loss.components(pred, targets)  # with gradients wanted: computed again
-    assert len(calls) == 4
-    loss.components({k: [m.detach() for m in v] for k, v in pred.items()}, _targets(2))  # other targets
-    assert len(calls) == 6
-    with torch.no_grad():
-        loss.components(detector.network(images), targets)  # a new forward pass
-    assert len(calls) == 8
+    criterion = LossThresholdCriterion(loss.components, {"classification": 0.0, "box_regression": math.inf})
+    attack = PGD(loss, steps=3, alpha=2.5, random_start=False, train_mode=True)
+    result = attack.attack(detector.network, images, targets, 1.0, criterion=criterion)
+    assert len(calls) == 2 * (3 + 1)  # 3 gradient iterates and the final criterion-only one, 2 images each
+    assert result.found.all()  # a classification loss above 0 is wrong from the first iterate
+    calls.clear()
+    unrelated = LossThresholdCriterion(lambda p, t: loss.components(p, t), criterion.thresholds)
+    attack.attack(detector.network, images, targets, 1.0, criterion=unrelated)
+    assert len(calls) == 2 * (3 + 3 + 1)  # judged from the prediction: computed again on each gradient iterate

@@ -93,7 +93,7 @@ def test_multi_gpu_configs_override_only_what_train_json_defines():
 def test_ranks_above_0_keep_the_handlers_that_change_training_subclasses_too(monkeypatch):
     from monai.handlers import StatsHandler, ValidationHandler
 
-    import monai_amat.distributed as distributed
+    import monai_amat.apps.distributed as distributed
     from monai_amat.handlers import MarginHandler
 
     class MyValidation(ValidationHandler):  # kept: it changes the training like its base class

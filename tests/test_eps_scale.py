@@ -5,7 +5,7 @@ import math
 import pytest
 from monai.bundle import ConfigParser
 
-from monai_amat.bundle import check_config, default_eps_scale
+from monai_amat.apps.bundle import check_config, default_eps_scale
 from tests.helpers import SEG_BUNDLES, configs, detection_tiny, landmark_tiny, tiny
 
 TINY = {

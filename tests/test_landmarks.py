@@ -96,22 +96,28 @@ def test_decode_post_transform_maps_back_to_original_pixels():
     assert torch.equal(out["true_landmarks"], torch.as_tensor(lm))
 
 
-def test_landmark_loss_reuses_its_values_for_the_detached_repeat(monkeypatch):
-    """The attack's criterion right after the loss sees the same components without computing them again."""
+def test_attack_hands_the_landmark_components_to_the_criterion(monkeypatch):
+    """The criterion judges the components each iterate's loss summed: computed once, with the same values."""
     import monai_amat.losses as losses
 
     calls = []
     split = losses.split_landmark_output
     monkeypatch.setattr(losses, "split_landmark_output", lambda t: calls.append(1) or split(t))
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 6, 3, padding=1)
+    x, target = torch.rand(2, 1, 12, 10), torch.rand(2, 6, 12, 10)
     loss = PerSampleLandmarkLoss()
-    pred = torch.randn(2, 6, 12, 10, requires_grad=True) * 1.0
-    target = torch.rand(2, 6, 12, 10)
-    first = loss.components(pred, target)
-    again = loss.components(pred.detach(), target)
-    assert len(calls) == 2 and all(torch.equal(first[k].detach(), again[k]) for k in first)
-    loss.components(pred.detach(), target.clone())  # other target tensor: computed
-    loss.components(pred.detach() + 0, target)  # other prediction: computed
-    with torch.no_grad():
-        pred.mul_(2)  # an in-place edit of the prediction: computed
-    loss.components(pred.detach(), target)
-    assert len(calls) == 8
+    seen = []
+    criterion = LossThresholdCriterion(loss.components, {"heatmap": 0.9, "offset_x": 1.0, "offset_y": 1.0})
+    check = criterion.check
+    monkeypatch.setattr(criterion, "check", lambda parts: seen.append(parts) or check(parts))
+    assert criterion.judges(loss) and not criterion.judges(PerSampleLandmarkLoss())
+    PGD(loss, steps=3, alpha=2.5, random_start=False).attack(net, x, target, 0.5, criterion=criterion)
+    # 3 gradient iterates, each split once for the prediction and once for the target, and a final criterion-only
+    # iterate; judging again from the prediction would split twice more per gradient iterate
+    assert len(calls) == 2 * 3 + 2 and len(seen) == 4
+    assert seen[0]["heatmap"].requires_grad  # the very tensors the loss summed for the gradient
+    unrelated = LossThresholdCriterion(lambda p, t: loss.components(p, t), criterion.thresholds)
+    calls.clear()
+    PGD(loss, steps=3, alpha=2.5, random_start=False).attack(net, x, target, 0.5, criterion=unrelated)
+    assert len(calls) == 2 * 3 + 2 * 4  # not the loss's own components: judged from the prediction

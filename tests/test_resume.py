@@ -144,6 +144,21 @@ def test_a_checkpoint_of_another_bundle_or_size_is_refused_by_name(tmp_path):
             other.load(engine)
 
 
+def test_every_save_replaces_the_checkpoint_in_place(tmp_path):
+    """Ignite's Checkpoint keeps one file under the fixed name, rewritten by each save (the same step included)."""
+    engine = Engine(lambda e, b: None)
+    net = torch.nn.Linear(2, 2)
+    saver = TrainingCheckpoint(tmp_path, {"network": net}, bundle="b", num_samples=3)
+    for value in (1.0, 2.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        saver.save(engine)  # no iteration between the saves
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert torch.all(state["network"]["weight"] == 2.0)
+    assert state["meta"] == {"bundle": "b", "num_samples": 3, "settings": {}} and len(state["rng"]) == 1
+
+
 def test_resume_with_another_epoch_length_runs_whole_epochs(tmp_path):
     """A checkpoint of 2 processes resumed by 1 (or with another batch size): the next epoch covers all batches."""
     net = torch.nn.Linear(2, 2)

@@ -15,9 +15,9 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, run
 
-from monai_amat.bundle import BOOL_KEYS, RUN_FILES, as_bool, check_config, load_model
-from monai_amat.data.msd import make_embedded_msd
+from monai_amat.apps.bundle import BOOL_KEYS, RUN_FILES, as_bool, check_config, load_model
 from monai_amat.data.segmentation import msd_slices
+from monai_amat.data.synthetic import make_embedded_msd
 from monai_amat.data.utils import move_into_place
 from monai_amat.handlers.checkpoint import TrainingCheckpoint
 from tests.helpers import ROOT, chain, configs, tiny

@@ -4,7 +4,6 @@ from monai_amat.data.bccd import (
     BCCD_SPLITS,
     bccd_datalist,
     find_bccd_root,
-    make_embedded_bccd,
     read_voc_annotation,
 )
 from monai_amat.data.detection import PrepareDetectionBatch, bccd_sets, detection_collate
@@ -15,7 +14,6 @@ from monai_amat.data.isbi2015 import (
     find_isbi2015_root,
     isbi2015_datalist,
     isbi2015_split,
-    make_embedded_isbi2015,
     read_annotation,
     read_isbi2015_image,
 )
@@ -23,12 +21,12 @@ from monai_amat.data.msd import (
     MSD_TASKS,
     MSDDataset,
     check_case,
-    make_embedded_msd,
     prepare_msd,
     read_msd,
     split_cases,
 )
 from monai_amat.data.samplers import ForegroundOversampler, foreground_flags
+from monai_amat.data.synthetic import make_embedded_bccd, make_embedded_isbi2015, make_embedded_msd
 from monai_amat.data.utils import add_sample_index
 
 __all__ = [

@@ -13,7 +13,8 @@ import torch
 from monai.data import MetaTensor, list_data_collate
 from monai.engines.utils import PrepareBatch
 
-from monai_amat.data.bccd import bccd_datalist, make_embedded_bccd
+from monai_amat.data.bccd import bccd_datalist
+from monai_amat.data.synthetic import make_embedded_bccd
 from monai_amat.data.utils import add_sample_index, data_root
 
 __all__ = ["bccd_sets", "detection_collate", "PrepareDetectionBatch"]
@@ -83,18 +84,27 @@ def detection_collate(batch: Sequence[Mapping[str, Any]], list_keys: Sequence[st
 
 
 class PrepareDetectionBatch(PrepareBatch):
-    """``prepare_batch`` for detection engines: images, and one ``{box_key, label_key}`` dict per image.
+    """``prepare_batch`` for detection engines: images, and one ``{box_key, label_key, image_size_key}`` dict per image.
 
     Args:
         image_key: the images' key.
         box_key: the ``(N, 2 * dims)`` boxes' key (in the batch and in the targets).
         label_key: the ``(N,)`` labels' key (likewise).
+        image_size_key: the targets' key of the images' spatial size (a tuple of ints), on which
+            :py:class:`~monai_amat.losses.PerImageDetectionLoss` lays out its anchors.
     """
 
-    def __init__(self, image_key: str = "image", box_key: str = "boxes", label_key: str = "labels") -> None:
+    def __init__(
+        self,
+        image_key: str = "image",
+        box_key: str = "boxes",
+        label_key: str = "labels",
+        image_size_key: str = "image_size",
+    ) -> None:
         self.image_key = image_key
         self.box_key = box_key
         self.label_key = label_key
+        self.image_size_key = image_size_key
 
     def __call__(
         self,
@@ -103,7 +113,7 @@ class PrepareDetectionBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """``(images, targets)`` on ``device``: images as a plain tensor, float boxes and int64 labels.
+        """``(images, targets)`` on ``device``: images as a plain tensor, float boxes, int64 labels, the image size.
 
         Raises:
             KeyError: when the batch lacks the image, box or label key.
@@ -119,6 +129,7 @@ class PrepareDetectionBatch(PrepareBatch):
             {
                 self.box_key: torch.as_tensor(boxes).float().reshape(-1, 2 * (images.dim() - 2)).to(device),
                 self.label_key: torch.as_tensor(labels).long().reshape(-1).to(device),
+                self.image_size_key: tuple(images.shape[2:]),
             }
             for boxes, labels in zip(batchdata[self.box_key], batchdata[self.label_key])
         ]

@@ -8,7 +8,8 @@ from typing import Any
 
 from monai.data import PILReader
 
-from monai_amat.data.isbi2015 import isbi2015_datalist, isbi2015_split, make_embedded_isbi2015
+from monai_amat.data.isbi2015 import isbi2015_datalist, isbi2015_split
+from monai_amat.data.synthetic import make_embedded_isbi2015
 from monai_amat.data.utils import add_sample_index, data_root
 
 __all__ = ["isbi2015_sets", "ceph_reader"]

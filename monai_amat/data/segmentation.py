@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Resized
 
-from monai_amat.data.msd import check_case, make_embedded_msd, read_msd, split_cases
+from monai_amat.data.msd import check_case, read_msd, split_cases
+from monai_amat.data.synthetic import make_embedded_msd
 from monai_amat.data.utils import add_sample_index, data_root
 from monai_amat.utils import root_cause
 

@@ -226,3 +226,25 @@ def data_root(
             raise ValueError(f"data_source 'real' needs dataset_dir: {holds}.")
         return dataset_dir
     raise ValueError(f"data_source must be 'embedded' or 'real', got {data_source!r}.")
+
+
+def split_by_position(items: Sequence[Any], fraction: float = 0.2) -> dict[str, list]:
+    """A small set's split by position.
+
+    The last ``max(1, round(fraction * n))`` items are the test set, as many before them the validation set, the rest
+    the training set (12 items: 8 / 2 / 2; 3 items: 1 / 1 / 1). With 2 items: train 1, test 1; with 1 item: train 1.
+    Shuffle the items first for a random split.
+
+    Args:
+        items: the items, in the order to cut.
+        fraction: the share of each held-out set.
+
+    Returns:
+        ``{"train", "val", "test"}``: consecutive, disjoint lists covering ``items``.
+    """
+    n = len(items)
+    num_held = max(1, round(fraction * n)) if n >= 3 else 0
+    num_test = num_held if n >= 3 else max(n - 1, 0)
+    cut = n - num_held - num_test
+    items = list(items)
+    return {"train": items[:cut], "val": items[cut : cut + num_held], "test": items[cut + num_held :]}

@@ -12,7 +12,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-from monai_amat.attacks import PGD, AttackResult, check_per_sample, map_tensors, to_float32
+from monai_amat.attacks import PGD, AttackResult, check_per_sample, loss_and_correct, map_tensors, to_float32
 from monai_amat.keys import AttackEvents, AttackKeys
 
 __all__ = ["RobustTrainer", "AMATTrainer", "SATTrainer", "MarginSource"]
@@ -229,14 +229,13 @@ class RobustTrainer(SupervisedTrainer):
         with engine.network.no_sync() if ddp and self.beta < 1.0 else nullcontext():
             with torch.set_grad_enabled(self.beta < 1.0):
                 out[Keys.PRED] = forward(inputs)
-                clean = check_per_sample(
-                    engine.loss_function(to_float32(out[Keys.PRED]), targets), size, "loss_function"
+                criterion = self.criterion if self.clean_criterion else None
+                clean, correct = loss_and_correct(
+                    engine.loss_function, to_float32(out[Keys.PRED]), targets, size, criterion, "loss_function"
                 )
-            if self.clean_criterion:
-                with torch.no_grad():
-                    correct = self.criterion(to_float32(out[Keys.PRED]), targets).to(clean.device).bool()
-            else:
+            if correct is None:
                 correct = torch.ones(size, dtype=torch.bool, device=clean.device)
+            correct = correct.to(clean.device).bool()
             clean_term = (1.0 - self.beta) * clean.mean()
             if clean_term.requires_grad:
                 self._backward(engine, clean_term)

@@ -4,32 +4,39 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from monai.handlers import CheckpointSaver
-from monai.transforms import Randomizable, Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_amat.utils import atomic_write, is_rank0, rank_world, root_cause
+# the random-state helpers lived here first: importable from this module too
+from monai_amat.random_state import (
+    RandomStates,
+    data_generators,
+    generator_states,
+    rng_state,
+    set_generator_states,
+    set_rng_state,
+)
+from monai_amat.utils import atomic_write, root_cause
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
-    from ignite.handlers import DiskSaver
+    from ignite.handlers import Checkpoint, DiskSaver
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+    Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
     DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver")
 
 __all__ = [
     "AtomicCheckpointSaver",
     "TrainingCheckpoint",
+    "RandomStates",
     "data_generators",
     "generator_states",
     "key_metric_saver",
@@ -38,125 +45,7 @@ __all__ = [
     "set_rng_state",
 ]
 
-# objects whose attributes may hold the random generators of data order and augmentation
-_WALK = (torch.utils.data.DataLoader, torch.utils.data.Dataset, torch.utils.data.Sampler, Transform, Randomizable)
 _PARALLEL = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    """The global random states of torch (CPU, and the current CUDA device if any), numpy and Python, as tensors.
-
-    Tensors only, so ``weights_only=True`` loads them.
-
-    Returns:
-        ``{"torch", "numpy_keys", "numpy_meta", "numpy_cached", "python"}`` tensors, and ``"cuda"`` with CUDA.
-    """
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, _ = random.getstate()
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    return {
-        **cuda,
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_meta": torch.tensor([pos, has_gauss], dtype=torch.int64),
-        "numpy_cached": torch.tensor(cached, dtype=torch.float64),
-        "python": torch.tensor([version, *internal], dtype=torch.int64),
-    }
-
-
-def set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
-    """Restore what :py:func:`rng_state` returned.
-
-    Args:
-        state: the saved random states.
-    """
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    pos, has_gauss = state["numpy_meta"].tolist()
-    np.random.set_state(
-        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, float(state["numpy_cached"]))
-    )
-    python = state["python"].tolist()
-    random.setstate((python[0], tuple(python[1:]), None))
-
-
-def data_generators(root: Any) -> list[np.random.RandomState | torch.Generator]:
-    """The random generators a data pipeline owns, in a fixed order.
-
-    These are the MONAI transforms' ``RandomState`` s (which MONAI's ``DataLoader`` seeds when it is built) and any
-    ``torch.Generator`` of the loader or its sampler. The walk follows list, tuple and dict items, and the
-    attributes of data loaders, data sets, samplers and MONAI transforms; it visits each object once.
-
-    Args:
-        root: a data loader, data set or transform (None: nothing).
-
-    Returns:
-        The generators found.
-    """
-    found: list[np.random.RandomState | torch.Generator] = []
-    seen: set[int] = set()
-
-    def walk(obj: Any) -> None:
-        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, torch.Tensor, np.ndarray)):
-            return
-        seen.add(id(obj))
-        if isinstance(obj, (np.random.RandomState, torch.Generator)):
-            found.append(obj)
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                walk(item)
-        elif isinstance(obj, dict):
-            for item in obj.values():
-                walk(item)
-        elif isinstance(obj, _WALK):
-            for key, value in vars(obj).items():
-                if not key.startswith("__"):
-                    walk(value)
-
-    walk(root)
-    return found
-
-
-def generator_states(generators: list[np.random.RandomState | torch.Generator]) -> dict[str, Any]:
-    """The states of :py:func:`data_generators`' generators, as tensors.
-
-    Args:
-        generators: numpy ``RandomState`` s and ``torch.Generator`` s.
-
-    Returns:
-        ``{"numpy_keys": (n, 624), "numpy_meta": (n, 2), "numpy_cached": (n,), "torch": [state, ...]}``.
-    """
-    numpy_states = [g.get_state() for g in generators if isinstance(g, np.random.RandomState)]
-    return {
-        "numpy_keys": torch.tensor(np.array([s[1] for s in numpy_states], dtype=np.int64).reshape(-1, 624)),
-        "numpy_meta": torch.tensor([[s[2], s[3]] for s in numpy_states], dtype=torch.int64).reshape(-1, 2),
-        "numpy_cached": torch.tensor([s[4] for s in numpy_states], dtype=torch.float64),
-        "torch": [g.get_state() for g in generators if isinstance(g, torch.Generator)],
-    }
-
-
-def set_generator_states(generators: list[np.random.RandomState | torch.Generator], state: Mapping[str, Any]) -> bool:
-    """Restore what :py:func:`generator_states` saved, if it fits.
-
-    Args:
-        generators: the same kinds of generators, in the same order.
-        state: the saved states.
-
-    Returns:
-        False (restoring nothing) when the numbers of generators differ, True otherwise.
-    """
-    numpy_gens = [g for g in generators if isinstance(g, np.random.RandomState)]
-    torch_gens = [g for g in generators if isinstance(g, torch.Generator)]
-    if len(numpy_gens) != len(state["numpy_keys"]) or len(torch_gens) != len(state["torch"]):
-        return False
-    for g, keys, (pos, has_gauss), cached in zip(
-        numpy_gens, state["numpy_keys"], state["numpy_meta"].tolist(), state["numpy_cached"].tolist()
-    ):
-        g.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    for g, s in zip(torch_gens, state["torch"]):
-        g.set_state(s)
-    return True
 
 
 def _unwrap(obj: Any) -> Any:
@@ -212,7 +101,8 @@ class TrainingCheckpoint:
         self.meta = {"bundle": str(bundle), "num_samples": int(num_samples)}
         # JSON-like values (tuples as lists), as the checkpoint gives them back
         self.settings = json.loads(json.dumps(dict(settings or {}), default=str))
-        self.generators: list[np.random.RandomState | torch.Generator] = []
+        self.random = RandomStates()
+        self._checkpoint: Checkpoint | None = None
 
     def attach(self, engine: Engine) -> None:
         """Save at every epoch end (after the handlers attached before); load at start when resuming.
@@ -220,20 +110,10 @@ class TrainingCheckpoint:
         Args:
             engine: the trainer; its ``data_loader`` (when it has one) is searched for random generators.
         """
-        self.generators = data_generators(getattr(engine, "data_loader", None))
+        self.random.track(getattr(engine, "data_loader", None))
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
-
-    def _random_states(self) -> list[dict[str, Any]]:
-        """Every rank's random states, gathered on all ranks (one entry per rank)."""
-        local = {**rng_state(), "data": generator_states(self.generators)}
-        _, world = rank_world()
-        if world == 1:
-            return [local]
-        states: list[Any] = [None] * world
-        dist.all_gather_object(states, local)
-        return [_to_cpu(s) for s in states]
 
     def save(self, engine: Engine) -> None:
         """Write the checkpoint; on every rank (it gathers the random states), rank 0 writes.
@@ -241,14 +121,14 @@ class TrainingCheckpoint:
         Args:
             engine: the trainer.
         """
-        states = self._random_states()
-        if not is_rank0():
-            return
-        state = {name: _unwrap(obj).state_dict() for name, obj in self.objects.items()}
-        state["meta"] = {**self.meta, "settings": self.settings}
-        state["rng"] = states
-        with atomic_write(self.path, "wb") as f:
-            torch.save(state, f)
+        if self._checkpoint is None:
+            # Ignite's Checkpoint writes the objects' state dicts (networks unwrapped from DDP) on rank 0, through a
+            # saver that keeps one file under a fixed name and replaces it in one rename
+            to_save = {**self.objects, "meta": _Meta({**self.meta, "settings": self.settings}), "rng": self.random}
+            self._checkpoint = Checkpoint(
+                to_save, _AtomicDiskSaver(self.path.parent, self.path.name), n_saved=1, greater_or_equal=True
+            )
+        self._checkpoint(engine)
 
     def load(self, engine: Engine) -> None:
         """Restore every object and this rank's random states.
@@ -296,39 +176,17 @@ class TrainingCheckpoint:
             # iterations so the next epoch runs over the whole data loader
             engine.state.epoch_length = epoch_length
             engine.state.iteration = engine.state.epoch * epoch_length
-        self._restore_random(state["rng"])
-
-    def _restore_random(self, saved: Any) -> None:
-        """Restore this rank's random states from the per-rank list (or the single dict of older checkpoints)."""
-        saved = [saved] if isinstance(saved, Mapping) else list(saved)
-        rank, world = rank_world()
-        if len(saved) != world:
-            warnings.warn(
-                f"{self.path} was written by {len(saved)} process(es), this run has {world}: the data order and "
-                "random augmentation continue, but not exactly as the interrupted run would have.",
-                stacklevel=2,
-            )
-        if rank >= len(saved):
-            return  # a rank the interrupted run did not have keeps its own seed
-        mine = saved[rank]
-        set_rng_state(mine)
-        if "data" in mine and not set_generator_states(self.generators, mine["data"]):
-            warnings.warn(
-                f"{self.path}: the training data pipeline has another number of random transforms than when the "
-                "checkpoint was written; their random states are not restored.",
-                stacklevel=2,
-            )
+        self.random.load_state_dict(state["rng"])
 
 
-def _to_cpu(obj: Any) -> Any:
-    """Every tensor of a nested list/tuple/dict moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return obj
+class _Meta:
+    """A fixed record (bundle, number of samples, settings) as a checkpoint object."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.record
 
 
 class _AtomicDiskSaver(DiskSaver):
