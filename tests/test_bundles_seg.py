@@ -12,7 +12,7 @@ import torch
 from monai.bundle import run
 
 from monai_amat.data.synthetic import make_embedded_msd
-from tests.helpers import CHECKS, SEG_BUNDLES, chain, ckpt_export, configs, tiny
+from tests.helpers import CHECKS, ROOT, SEG_BUNDLES, chain, ckpt_export, configs, tiny
 
 BUNDLES = SEG_BUNDLES
 
@@ -184,3 +184,34 @@ def test_resume_extends_a_run_and_refuses_a_foreign_checkpoint(tmp_path):
             **tiny(tmp_path, epochs=3, embedded_cases=7),
         )
     assert "another bundle or data set" in chain(info)
+
+
+# the keys in which the MSD bundles may differ, per config file: the task, its sizes and its noise levels
+TASK_KEYS = {
+    "train.json": {"bundle_name", "task", "batch_size", "spatial_size", "filters", "paper_spatial_size", "delta"}
+    | {"sat_eps_list", "default_tau"},
+    "train_sat.json": {"sat_eps"},
+    "evaluate.json": {"eps_list"},
+    "inference.json": {"bundle_name", "input_dir", "spatial_size", "filters", "in_channels", "out_channels"},
+    "metadata.json": {"name", "task", "description", "data_source", "network_data_format"}
+    | {"image_classes", "label_classes", "pred_classes"},
+}
+
+
+def test_msd_bundles_share_one_skeleton():
+    """Each MSD bundle is self-contained (the model-zoo rule); a change to one bundle's shared part must reach all."""
+    folders = [ROOT / "bundles" / b / "configs" for b in BUNDLES]
+    names = sorted(p.name for p in folders[0].iterdir())
+    assert all(sorted(p.name for p in f.iterdir()) == names for f in folders) and "multi_gpu_train.json" in names
+    for name in names:
+        texts = [(f / name).read_text() for f in folders]
+        if not name.endswith(".json"):
+            assert len(set(texts)) == 1, name
+            continue
+        parsed = [json.loads(t) for t in texts]
+        keys = set().union(*parsed)
+        differ = {k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in parsed}) > 1}
+        assert differ <= TASK_KEYS.get(name, set()), (name, sorted(differ - TASK_KEYS.get(name, set())))
+    for folder in folders:  # inference.json repeats the training's network sizes: they must agree
+        train, inference = (json.loads((folder / n).read_text()) for n in ("train.json", "inference.json"))
+        assert all(train[k] == inference[k] for k in ("spatial_size", "filters")), folder
