@@ -70,7 +70,7 @@ class MarginTable:
         num_samples: number of training samples ``N``; sample indices are ``0..N-1``.
         delta: initial margin and margin step, ``> 0``.
         max_margin: upper bound of the margins, ``>= delta`` (``math.inf`` for none).
-        estimate: ``"final"`` (reference behaviour): the boundary estimate is the running mean of the final
+        estimate: ``"final"`` (the authors' code): the boundary estimate is the running mean of the final
             noise norms; ``"first_wrong"``: the running mean of the noise norm of the first iterate that made
             the sample wrong (refined by bisection when the attack does it).
         reset_clean_wrong: reset the margins of clean-wrong samples to ``delta`` (older variant) instead of

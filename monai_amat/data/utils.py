@@ -157,14 +157,14 @@ def generate_once(out_dir: str | os.PathLike, meta: dict, write: Callable[[Path]
     return out_dir
 
 
-def find_nested_root(dataset_dir: str | os.PathLike, landmark: str, name: str, sources: str) -> Path:
-    """The folder holding the sub-folder ``landmark``: ``dataset_dir`` itself or one of its sub-folders.
+def find_nested_root(dataset_dir: str | os.PathLike, marker: str, name: str, sources: str) -> Path:
+    """The folder holding the sub-folder ``marker``: ``dataset_dir`` itself or one of its sub-folders.
 
     Mirrors of public data sets often nest them one level deeper. Hidden folders are skipped.
 
     Args:
         dataset_dir: the data set folder, or the folder holding it.
-        landmark: the sub-folder that marks the data set root, e.g. ``"RawImage"``.
+        marker: the sub-folder that marks the data set root, e.g. ``"RawImage"``.
         name: the data set's name, for messages.
         sources: where to get the data, for the error message.
 
@@ -172,15 +172,15 @@ def find_nested_root(dataset_dir: str | os.PathLike, landmark: str, name: str, s
         The absolute data set root.
 
     Raises:
-        FileNotFoundError: when neither ``dataset_dir/landmark`` nor ``dataset_dir/*/landmark`` exists; the message
+        FileNotFoundError: when neither ``dataset_dir/marker`` nor ``dataset_dir/*/marker`` exists; the message
             lists what was looked for and where to get the data.
-        ValueError: when several sub-folders hold a ``landmark``.
+        ValueError: when several sub-folders hold a ``marker``.
     """
     root = Path(dataset_dir).absolute()
-    if (root / landmark).is_dir():
+    if (root / marker).is_dir():
         return root
     nested = (
-        sorted(p.parent for p in root.glob(f"*/{landmark}") if p.is_dir() and not p.parent.name.startswith("."))
+        sorted(p.parent for p in root.glob(f"*/{marker}") if p.is_dir() and not p.parent.name.startswith("."))
         if root.is_dir()
         else []
     )
@@ -190,7 +190,7 @@ def find_nested_root(dataset_dir: str | os.PathLike, landmark: str, name: str, s
         return nested[0]
     state = "" if root.is_dir() else " (the folder does not exist)"
     raise FileNotFoundError(
-        f"no {name} data set found in {root}{state}: looked for {root / landmark} and {root / '*' / landmark}. "
+        f"no {name} data set found in {root}{state}: looked for {root / marker} and {root / '*' / marker}. "
         f"Get {sources}."
     )
 

@@ -61,7 +61,7 @@ class MarginHandler:
         num_samples: number of training samples; batch ``"index"`` values are ``0..num_samples-1``.
         delta: initial margin and margin step, ``> 0``.
         max_margin: margin upper bound, ``>= delta``; ``math.inf`` (default) for none.
-        estimate: ``"final"`` (reference) or ``"first_wrong"``; see :py:class:`monai_amat.margins.MarginTable`.
+        estimate: ``"final"`` (the authors' code) or ``"first_wrong"``; see :py:class:`monai_amat.margins.MarginTable`.
         reset_clean_wrong: reset clean-wrong samples to ``delta`` instead of keeping their margin.
         output_dir: folder for ``margins.csv``; None writes no file.
         filename: the CSV file name.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from monai_amat.data.utils import move_into_place, smooth_noise
+from monai_amat.data.utils import embedded_meta, generate_once, smooth_noise
 from monai_amat.utils import read_json, write_json
 
 __all__ = ["make_embedded_msd"]
 
 _EMBEDDED_MARKER = "Synthetic stand-in for"
+_GENERATOR = "monai_amat.data.make_embedded_msd"
 
 # Per task: file prefix, dataset.json "name"/"modality"/"labels", the structure's mean intensity per modality and
 # foreground label (background is 1.0), and how a 2-label structure is cut in two ("plane": halves along its long
@@ -142,9 +142,10 @@ def make_embedded_msd(
     vary, on a textured noisy background with a bias field, plus unlabelled distractor blobs of similar intensity, so
     that no global threshold segments it; the first and last axial slices hold no foreground.
 
-    The data set is written into a temporary folder beside ``root_dir/<task>`` and renamed at the end. When
-    ``root_dir/<task>/dataset.json`` already describes the same synthetic set (same ``numTraining``, seed and shape),
-    nothing is written; an older synthetic set is replaced.
+    Written as the other stand-ins are (:py:func:`monai_amat.data.utils.generate_once`): into a temporary folder
+    beside ``root_dir/<task>``, renamed at the end, with ``embedded.json`` recording the parameters. When the folder
+    already holds the same synthetic set, nothing is written; a synthetic set with other parameters (or of an earlier
+    version, which marked it in ``dataset.json``'s description only) is replaced.
 
     Args:
         root_dir: the folder to write ``<task>`` into.
@@ -168,27 +169,21 @@ def make_embedded_msd(
     if len(shape) != 3 or min(shape) < 4:
         raise ValueError(f"make_embedded_msd: shape must be 3 sizes >= 4, got {shape}.")
     spec = _EMBEDDED_SPECS[task]
-    root_dir = Path(root_dir)
-    task_dir = root_dir / task
+    task_dir = Path(root_dir) / task
     description = f"{_EMBEDDED_MARKER} {task} (monai_amat.data.make_embedded_msd, seed={seed}, shape={list(shape)})"
-    if _is_same_embedded(task_dir, num_cases, description):
-        return task_dir
-    if task_dir.exists() and not _is_embedded(task_dir):
-        raise FileExistsError(f"{task_dir} exists and is not a synthetic set from make_embedded_msd; not replacing it.")
-    root_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task}.", suffix=".partial", dir=root_dir))
-    try:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
+
+    def write(folder: Path) -> None:
+        (folder / "imagesTr").mkdir()
+        (folder / "labelsTr").mkdir()
         training = []
         for i in range(num_cases):
             rng = np.random.default_rng([seed, zlib.crc32(task.encode()), *shape, i])
             image, label = _embedded_case(rng, spec, shape)
             file_name = f"{spec['prefix']}_{i:03d}.nii.gz"
-            _save_nifti(image, tmp / "imagesTr" / file_name)
-            _save_nifti(label, tmp / "labelsTr" / file_name)
+            _save_nifti(image, folder / "imagesTr" / file_name)
+            _save_nifti(label, folder / "labelsTr" / file_name)
             training.append({"image": f"./imagesTr/{file_name}", "label": f"./labelsTr/{file_name}"})
-        meta = {
+        dataset = {
             "name": spec["name"],
             "description": description,
             "reference": "synthetic",
@@ -200,23 +195,15 @@ def make_embedded_msd(
             "training": training,
             "test": [],
         }
-        write_json(tmp / "dataset.json", meta)
-        move_into_place(tmp, task_dir, lambda: _is_same_embedded(task_dir, num_cases, description))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return task_dir
+        write_json(folder / "dataset.json", dataset)
+
+    if embedded_meta(task_dir, _GENERATOR) is None and _is_older_embedded(task_dir):
+        shutil.rmtree(task_dir)  # a set of an earlier version, marked by its description only: made again
+    meta = {"generator": _GENERATOR, "task": task, "num_cases": num_cases, "seed": seed, "shape": list(shape)}
+    return generate_once(task_dir, meta, write)
 
 
-def _is_embedded(task_dir: Path) -> bool:
-    """Whether ``task_dir`` holds a synthetic set from :py:func:`make_embedded_msd`."""
+def _is_older_embedded(task_dir: Path) -> bool:
+    """Whether ``task_dir`` holds a synthetic set that an earlier version of :py:func:`make_embedded_msd` wrote."""
     json_path = task_dir / "dataset.json"
     return json_path.is_file() and str(read_json(json_path).get("description", "")).startswith(_EMBEDDED_MARKER)
-
-
-def _is_same_embedded(task_dir: Path, num_cases: int, description: str) -> bool:
-    """Whether ``task_dir`` already holds the synthetic set that would be generated."""
-    json_path = task_dir / "dataset.json"
-    if not json_path.is_file():
-        return False
-    meta = read_json(json_path)
-    return meta.get("numTraining") == num_cases and meta.get("description") == description
