@@ -54,7 +54,8 @@ class Recorder:
 
 
 def expected_margins(n, delta, max_margin, rows, epochs):
-    """The rule of AMAT.md, written out per sample in plain Python (independent of monai_amat.margins)."""
+    """The margin rule (docs/fidelity.md; the authors' code), written out per sample in plain Python, independent of
+    monai_amat.margins."""
     margins = [delta] * n
     history = []
     for epoch in range(1, epochs + 1):
