@@ -92,6 +92,7 @@ def tiny(tmp_path, **extra):
         "attack_steps": 2,
         "spatial_size": [16, 16],
         "thresholds_file": str(tmp_path / "thresholds.json"),
+        "models_dir": str(tmp_path / "models"),
         **extra,
     }
 

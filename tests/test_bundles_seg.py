@@ -22,6 +22,7 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
     out = {k: tmp_path / k for k in ("std", "amat", "sat")}
     run(config_file=configs(bundle, "train", "train_std"), output_dir=str(out["std"]), **tiny(tmp_path))
     assert (out["std"] / "model.pt").is_file() and (out["std"] / "model_best.pt").is_file()
+    assert not (tmp_path / "models").exists()  # only AMAT training exports the bundle's model
     run(config_file=configs(bundle, "train", "calibrate"), ckpt_path=str(out["std"] / "model.pt"), **tiny(tmp_path))
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     assert thresholds["criterion"] == "dice" and 0 <= thresholds["thresholds"]["tau"] <= 1
@@ -30,6 +31,8 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
     run(config_file=configs(bundle, "train"), output_dir=str(out["amat"]), **tiny(tmp_path, epochs=2))
     state = torch.load(out["amat"] / "model.pt", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    exported = torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # models/model.pt, the zoo's place
+    assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
     with open(out["amat"] / "margins.csv") as f:
         rows = list(csv.DictReader(f))
     n = len({r["index"] for r in rows})
@@ -60,12 +63,15 @@ def test_bundle_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path):
 
     run(config_file=configs(bundle, "train", "train_sat"), output_dir=str(out["sat"]), **tiny(tmp_path))
     assert (out["sat"] / "model.pt").is_file() and not (out["sat"] / "margins.csv").exists()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt"]
+    after_sat = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(after_sat[k], state[k]) for k in state)  # SAT does not replace the exported AMAT model
 
     task = json.loads(Path(configs(bundle, "train")[0]).read_text())["task"]
     images = tmp_path / "data" / task / "imagesTr"
     run(
         config_file=configs(bundle, "inference"),
-        ckpt_path=str(out["amat"] / "model.pt"),
+        ckpt_path=str(tmp_path / "models" / "model.pt"),
         input_dir=str(images),
         prediction_dir=str(tmp_path / "pred"),
         spatial_size=[16, 16],
@@ -112,6 +118,7 @@ def test_ckpt_export_and_real_data_on_any_msd_folder(tmp_path):
         spatial_size=[16, 16],
         filters=[8, 16, 32],
         thresholds_file=str(tmp_path / "none.json"),
+        models_dir=str(tmp_path / "models"),
     )
     state = torch.load(out / "model.pt", weights_only=True)
     first_conv = next(v for k, v in state.items() if k.endswith("conv1.conv.weight"))
@@ -192,7 +199,7 @@ TASK_KEYS = {
     | {"sat_eps_list", "default_tau"},
     "train_sat.json": {"sat_eps"},
     "evaluate.json": {"eps_list"},
-    "inference.json": {"bundle_name", "input_dir", "spatial_size", "filters", "in_channels", "out_channels"},
+    "inference.json": {"bundle_name", "dataset_dir", "spatial_size", "filters", "in_channels", "out_channels"},
     "metadata.json": {"name", "task", "description", "data_source", "network_data_format"}
     | {"image_classes", "label_classes", "pred_classes"},
 }

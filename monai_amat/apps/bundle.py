@@ -52,6 +52,7 @@ BOOL_KEYS = (
     "breaking_eps",
     "masking_checks",
     "strict_inputs",
+    "export_model",
 )
 
 

@@ -34,7 +34,7 @@ BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 BCCD_SOURCES = (
     "the BCCD blood cell detection data set (Pascal VOC layout: JPEGImages/, Annotations/, ImageSets/Main/), "
     "available from https://github.com/Shenggan/BCCD_Dataset (MIT licence; the data set is its BCCD/ folder); "
-    "for a small synthetic stand-in in the same layout, run monai_amat.data.make_embedded_bccd(root_dir)"
+    "for a small synthetic stand-in in the same layout, run monai_amat.data.synthetic.make_embedded_bccd(root_dir)"
 )
 """Where to get the data, as said in "data not found" errors."""
 

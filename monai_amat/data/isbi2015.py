@@ -39,7 +39,7 @@ ISBI2015_SOURCES = (
     "the ISBI 2015 Grand Challenge in cephalometric landmark detection data set (RawImage/, 400_senior/, "
     "400_junior/), available from https://figshare.com/s/37ec464af8e81ae6ebbf and the challenge site "
     "http://www-o.ntust.edu.tw/~cweiwang/ISBI2015/challenge1/; for a small synthetic stand-in in the same layout, "
-    "run monai_amat.data.make_embedded_isbi2015(root_dir)"
+    "run monai_amat.data.synthetic.make_embedded_isbi2015(root_dir)"
 )
 """Where to get the data, as said in "data not found" errors."""
 

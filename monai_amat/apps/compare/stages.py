@@ -36,6 +36,7 @@ RESERVED = {
     "thresholds_file": "it is DIR/thresholds.json, written by the calibration stage",
     "resume": "interrupted trainings are resumed automatically",
     "overwrite": "a training stage that runs afresh replaces its own unfinished attempt",
+    "export_model": "the comparison's models stay in their run folders, not in the bundle's models/",
     "bundle_root": "it is the --bundle folder",
     "config_file": "the stages use the bundle's own configs",
     "args_file": "the runner writes one per stage",
@@ -469,7 +470,7 @@ class Comparison:
             before = float(record.get("seconds_before", 0.0)) + partial
         args = {"config_file": [str(self.bundle_dir / "configs" / f"{c}.json") for c in stage.configs], **stage.args}
         if stage.kind == "train":  # a stage that runs afresh replaces its own unfinished attempt
-            args["resume"], args["overwrite"] = resume, not resume
+            args["resume"], args["overwrite"], args["export_model"] = resume, not resume, False
         stage.folder.mkdir(parents=True, exist_ok=True)
         args_file = stage.folder / f"compare_{stage.kind}{stage.tag}_args.json"
         write_json(args_file, args)
