@@ -260,3 +260,16 @@ def test_attack_hands_the_detection_components_to_the_criterion(detector):
     unrelated = LossThresholdCriterion(lambda p, t: loss.components(p, t), criterion.thresholds)
     attack.attack(detector.network, images, targets, 1.0, criterion=unrelated)
     assert len(calls) == 2 * (3 + 3 + 1)  # judged from the prediction: computed again on each gradient iterate
+
+
+def test_importing_the_package_patches_nothing_in_monai():
+    """MONAI's detector module is changed only by building a detector through ``retinanet_detector``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import monai.apps.detection.networks.retinanet_detector as r; before = r.Matcher; "
+        "import monai_amat, monai_amat.networks, monai_amat.losses, monai_amat.data, monai_amat.apps.bundle; "
+        "print(r.Matcher is before)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "True\n"

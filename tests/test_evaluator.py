@@ -1,8 +1,10 @@
 import json
+import logging
 
 import pytest
 import torch
 from monai.engines import SupervisedEvaluator
+from monai.handlers import StatsHandler
 
 from monai_amat.attacks import PGD
 from monai_amat.engines import RobustEvaluator
@@ -19,9 +21,10 @@ def trained():
     return data, pretrain(net, data, loss), loss
 
 
-def test_robust_evaluator_metrics_per_eps_and_report(trained, tmp_path):
+def test_robust_evaluator_metrics_per_eps_and_report(trained, tmp_path, caplog):
     data, net, loss = trained
     report = RobustnessReport(tmp_path, task="segmentation")
+    stats = StatsHandler(iteration_log=False, name=None)  # logs through the engine's logger
     ev = RobustEvaluator(
         "cpu",
         seg_loader(data),
@@ -30,10 +33,13 @@ def test_robust_evaluator_metrics_per_eps_and_report(trained, tmp_path):
         [0, 1.0, 4.0],
         postprocessing=dice_postprocessing(),
         key_val_metric=dice_metrics(),
-        val_handlers=[report],
+        val_handlers=[report, stats],
     )
-    with torch.no_grad():  # as inside a ValidationHandler: the attack still gets its input gradients
+    with caplog.at_level(logging.INFO), torch.no_grad():  # as inside a ValidationHandler: input gradients still
         ev.run()
+    assert caplog.text.count("Metrics -- mean_dice") == 3  # one line per eps ...
+    assert "best" not in caplog.text  # ... and no "best value" across noise levels
+    assert ev.state.key_metric_name == "mean_dice"
     clean = SupervisedEvaluator(
         "cpu", seg_loader(data), net, postprocessing=dice_postprocessing(), key_val_metric=dice_metrics()
     )

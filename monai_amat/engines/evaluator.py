@@ -257,31 +257,37 @@ class RobustEvaluator(SupervisedEvaluator):
         results: dict[str, list[float]] = {}
         per_attack: dict[str, dict[str, list[float]]] = {name: {} for name in self.attacks}
         single = len(self.attacks) == 1
-        for eps in self.eps_list:
-            self.worst = {}
-            if eps == 0:  # the clean input: every attack's value
-                self.state.reported = True
-                values = self.evaluate_pass(eps, next(iter(self.attacks)), global_epoch)
-                attacked = dict.fromkeys(self.attacks, values)
-            else:
-                self.state.reported = single
-                attacked = {name: self.evaluate_pass(eps, name, global_epoch) for name in self.attacks}
-                self.state.reported = True
-                values = next(iter(attacked.values())) if single else self.evaluate_pass(eps, None, global_epoch)
-            for name, attack_values in attacked.items():
-                for metric, value in attack_values.items():
-                    per_attack[name].setdefault(metric, []).append(value)
-            for metric, value in values.items():
-                results.setdefault(metric, []).append(value)
-        self.state.robustness = {
-            "eps": list(self.eps_list),
-            "eps_scale": self.eps_scale,
-            "metrics": results,
-            "per_attack": per_attack,
-            "attacks": {name: a.describe() for name, a in self.attacks.items()},
-        }
-        for probe in self.probes:
-            self.state.robustness.update(probe.run(self))
+        # the passes are noise levels, not epochs: no "best" key metric across them (MONAI's Workflow would log a
+        # new best at eps 0 and StatsHandler repeat it after every pass)
+        key_metric_name, self.state.key_metric_name = self.state.key_metric_name, None
+        try:
+            for eps in self.eps_list:
+                self.worst = {}
+                if eps == 0:  # the clean input: every attack's value
+                    self.state.reported = True
+                    values = self.evaluate_pass(eps, next(iter(self.attacks)), global_epoch)
+                    attacked = dict.fromkeys(self.attacks, values)
+                else:
+                    self.state.reported = single
+                    attacked = {name: self.evaluate_pass(eps, name, global_epoch) for name in self.attacks}
+                    self.state.reported = True
+                    values = next(iter(attacked.values())) if single else self.evaluate_pass(eps, None, global_epoch)
+                for name, attack_values in attacked.items():
+                    for metric, value in attack_values.items():
+                        per_attack[name].setdefault(metric, []).append(value)
+                for metric, value in values.items():
+                    results.setdefault(metric, []).append(value)
+            self.state.robustness = {
+                "eps": list(self.eps_list),
+                "eps_scale": self.eps_scale,
+                "metrics": results,
+                "per_attack": per_attack,
+                "attacks": {name: a.describe() for name, a in self.attacks.items()},
+            }
+            for probe in self.probes:
+                self.state.robustness.update(probe.run(self))
+        finally:
+            self.state.key_metric_name = key_metric_name
         self.state.eps, self.state.attack_name, self.state.reported = 0.0, "", True
         self.fire_event(AttackEvents.ROBUSTNESS_COMPLETED)
 

@@ -23,20 +23,17 @@ __all__ = ["ResNetFPN", "retinanet_detector"]
 
 
 def _torchvision_free() -> None:
-    """Let ``RetinaNetDetector`` train without torchvision.
+    """Let ``RetinaNetDetector`` train without torchvision; called by :py:func:`retinanet_detector`, not at import.
 
     When torchvision is missing (or broken), MONAI binds its ``Matcher`` and ``BalancedPositiveNegativeSampler``
-    names to placeholders whose ``isinstance`` check raises; the detector runs that check on every matching and
-    sampling call, even with MONAI's ATSS matcher and hard negative sampler. Stand-in classes that nothing is an
-    instance of make those checks fall through to MONAI's own matcher and sampler; torchvision's own classes are
-    kept when it loads.
+    names to placeholders whose ``isinstance`` check raises; the detector runs that check before its own ones on
+    every matching call, even with MONAI's ATSS matcher (and, should the order change, on sampling). Stand-in classes
+    that nothing is an instance of make those checks fall through to MONAI's own matcher and sampler; torchvision's
+    own classes are kept when it loads. MONAI offers no other way: the alternative is a copy of its two methods.
     """
     for name in ("Matcher", "BalancedPositiveNegativeSampler"):
         if not optional_import("torchvision.models.detection._utils", name=name)[1]:
             setattr(_retinanet_detector, name, type(f"{name}Unavailable", (), {}))
-
-
-_torchvision_free()
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -148,6 +145,7 @@ def retinanet_detector(
     Returns:
         The configured detector (its ``network`` is ``network``).
     """
+    _torchvision_free()
     detector = RetinaNetDetector(network=network, anchor_generator=anchor_generator)
     detector.set_target_keys(box_key=box_key, label_key=label_key)
     detector.set_atss_matcher(num_candidates=atss_candidates, center_in_gt=False)
