@@ -38,6 +38,25 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``torch.distributed.all_gather_object``); ``[obj]`` alone.
+
+    Call it on every rank. For picklable values (rows, CPU tensors).
+
+    Args:
+        obj: this rank's value.
+
+    Returns:
+        One value per rank.
+    """
+    _, world = rank_world()
+    if world == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def is_rank0() -> bool:
     """Whether this process writes files and logs: rank 0, or the only process.
 

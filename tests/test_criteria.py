@@ -187,3 +187,28 @@ def test_calibration_handler_takes_the_mean_dice_over_slices_holding_every_class
     data = load_thresholds(tmp_path / "thresholds.json")
     assert data["thresholds"]["tau"] == pytest.approx((5 / 6 + 9 / 10) / 2, abs=1e-6)
     assert data["split"] == "val" and data["samples"] == 4 and data["criterion"] == "dice" and data["z"] is None
+
+
+def test_calibration_handler_gathers_the_ranks_values_and_takes_an_output_transform(tmp_path, monkeypatch):
+    """Under torch.distributed the thresholds rest on every rank's samples (here a second rank's, simulated)."""
+    from ignite.engine import Engine
+
+    import monai_amat.handlers.calibration as calibration
+    from monai_amat.handlers import CalibrationHandler
+
+    other_rank = {"heat": torch.tensor([10.0, 10.0, 10.0, 10.0])}
+    monkeypatch.setattr(calibration, "gather_objects", lambda mine: [mine, other_rank])
+    components = {"heat": torch.tensor([1.0, 1.0, 1.0, 1.0])}
+    handler = CalibrationHandler(
+        tmp_path / "thresholds.json",
+        mode="loss",
+        components_fn=lambda pred, label: {"heat": pred},
+        output_transform=lambda output: (output["logits"], output["y"]),  # another engine's output keys
+    )
+    engine = Engine(lambda e, batch: batch)
+    handler.attach(engine)
+    engine.run([{"logits": components["heat"], "y": None}], max_epochs=1)
+    data = load_thresholds(tmp_path / "thresholds.json")
+    assert data["samples"] == 8 and data["criterion"] == "loss_threshold"
+    mu, scale = huber_location_scale(torch.cat([components["heat"], other_rank["heat"]]))
+    assert data["thresholds"]["heat"] == pytest.approx(mu + 2.0 * scale)

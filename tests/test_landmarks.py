@@ -121,3 +121,33 @@ def test_attack_hands_the_landmark_components_to_the_criterion(monkeypatch):
     calls.clear()
     PGD(loss, steps=3, alpha=2.5, random_start=False).attack(net, x, target, 0.5, criterion=unrelated)
     assert len(calls) == 2 * 3 + 2 * 4  # not the loss's own components: judged from the prediction
+
+
+def test_landmark_writer_gathers_the_ranks_rows_and_writes_each_image_once(tmp_path, monkeypatch):
+    from ignite.engine import Engine
+    from monai.data import MetaTensor
+    from PIL import Image
+
+    import monai_amat.handlers.landmark_writers as writers
+
+    paths = []
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 10), np.uint8)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    # rank 1 (simulated) inferred image b, and a repeat of a that a DistributedSampler added to even out the ranks
+    other_rank = ["b.png,1,2.00,3.00,0.200,0.300\n", "a.png,1,1.00,1.00,0.100,0.100\n"]
+    monkeypatch.setattr(writers, "gather_objects", lambda rows: [list(rows), other_rank])
+    writer = writers.LandmarkWriter(
+        tmp_path / "out",
+        key="points",
+        output_transform=lambda output: output["items"],  # another engine's output layout
+        batch_transform=lambda batch: batch["items"],
+    )
+    (tmp_path / "out").mkdir()
+    image = MetaTensor(torch.zeros(1, 8, 10), meta={"filename_or_obj": paths[0]})
+    engine = Engine(lambda e, b: {"items": [{"points": torch.tensor([[1.0, 1.0]])}]})
+    writer.attach(engine)
+    engine.run([{"items": [{"image": image}]}], max_epochs=1)
+    lines = (tmp_path / "out" / "landmarks.csv").read_text().splitlines()
+    assert lines == ["image,landmark,x_px,y_px,x_mm,y_mm", "a.png,1,1.00,1.00,0.100,0.100", other_rank[0].strip()]
+    assert (tmp_path / "out" / "a_landmarks.png").is_file()  # this rank's overlay; rank 1 draws b's

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from monai.handlers import from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
 
@@ -18,7 +19,7 @@ from monai_amat.criteria import (
     holds_every_class,
     save_thresholds,
 )
-from monai_amat.utils import is_rank0
+from monai_amat.utils import gather_objects, is_rank0
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -40,7 +41,8 @@ class CalibrationHandler:
       clean losses ``components_fn(pred, label) -> {name: Tensor[B]}``.
 
     Attach it to a ``SupervisedEvaluator`` created with ``decollate=False`` (batch-level outputs) over the split
-    named by ``split`` (recorded in the file with the number of samples). Only rank 0 writes, atomically.
+    named by ``split`` (recorded in the file with the number of samples). Under ``torch.distributed`` every rank
+    collects its share, the values are gathered to all ranks, and rank 0 writes, atomically.
 
     Args:
         output_file: the ``thresholds.json`` to write.
@@ -49,6 +51,8 @@ class CalibrationHandler:
         components_fn: the per-sample loss components (``"loss"`` mode).
         z: robust scales above the robust mean (``"loss"`` mode).
         split: the name of the data split the evaluator runs on (``"val"``, ``"train"``), recorded in the file.
+        output_transform: maps ``engine.state.output`` to ``(prediction, label)``, as MONAI handlers take it; default
+            the ``pred`` and ``label`` keys.
 
     Raises:
         ValueError: for an unknown mode, or ``"loss"`` mode without ``components_fn``.
@@ -62,6 +66,7 @@ class CalibrationHandler:
         components_fn: Callable[[Any, Any], Mapping[str, torch.Tensor]] | None = None,
         z: float = 2.0,
         split: str | None = None,
+        output_transform: Callable[[Any], tuple[Any, Any]] | None = None,
     ) -> None:
         if mode not in ("dice", "loss"):
             raise ValueError(f"calibration mode must be 'dice' or 'loss', got {mode!r}.")
@@ -73,6 +78,7 @@ class CalibrationHandler:
         self.components_fn = components_fn
         self.z = float(z)
         self.split = split
+        self.output_transform = output_transform or from_engine([Keys.PRED, Keys.LABEL])
         self.values: dict[str, list[torch.Tensor]] = {}
         self.thresholds: dict[str, float] = {}
 
@@ -92,7 +98,8 @@ class CalibrationHandler:
 
     def iteration_completed(self, engine: Engine) -> None:
         """Record the batch's per-sample values."""
-        pred, label = to_float32(engine.state.output[Keys.PRED]), engine.state.output[Keys.LABEL]
+        pred, label = self.output_transform(engine.state.output)
+        pred = to_float32(pred)
         if self.mode == "dice":
             dice = hard_dice(pred, label)  # (B, foreground classes), unsmoothed
             batch = {"dice": dice.mean(1), "complete": holds_every_class(label, dice.shape[1] + 1)}
@@ -102,8 +109,9 @@ class CalibrationHandler:
             self.values.setdefault(name, []).append(value.detach().cpu())
 
     def completed(self, engine: Engine) -> None:
-        """Compute the thresholds and write them (rank 0)."""
-        values = {k: torch.cat(v) for k, v in self.values.items()}
+        """Gather the ranks' values, compute the thresholds and write them (rank 0)."""
+        ranks = gather_objects({k: torch.cat(v) for k, v in self.values.items()})
+        values = {k: torch.cat([r[k] for r in ranks if k in r]) for k in ranks[0]}
         if self.mode == "dice":
             self.thresholds = {"tau": calibrate_dice_tau(values["dice"], values["complete"])}
             z = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,7 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_amat.transforms.boxes import boxes_to_original
-from monai_amat.utils import atomic_write, is_rank0
+from monai_amat.utils import atomic_write
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -34,7 +34,8 @@ class DetectionWriter:
     batch, each image's file name, resize factor and original size (as stored by
     :py:class:`monai_amat.transforms.ResizeWithBoxesd`). Boxes are mapped back to the original image's pixels.
     The JSON holds ``{"image", "boxes": [[xmin, ymin, xmax, ymax], ...], "labels", "classes", "scores"}`` sorted by
-    score; the PNG draws the boxes (one colour per class) over the image. Files are written atomically, by rank 0.
+    score; the PNG draws the boxes (one colour per class) over the image. Files are written atomically; under
+    ``torch.distributed`` each rank writes the files of its own images (one file per image: nothing to gather).
 
     Args:
         output_dir: where to write.
@@ -44,6 +45,8 @@ class DetectionWriter:
         score_key: their score key.
         scale_key: the batch key of the resize factors.
         orig_size_key: the batch key of the original sizes.
+        output_transform: maps ``engine.state.output`` to the dict holding the predictions, as MONAI handlers take it.
+        batch_transform: maps ``engine.state.batch`` to the dict holding the images and their sizes.
     """
 
     def __init__(
@@ -55,12 +58,16 @@ class DetectionWriter:
         score_key: str = "labels_scores",
         scale_key: str = "box_scale",
         orig_size_key: str = "orig_size",
+        output_transform: Callable[[Any], Any] = lambda x: x,
+        batch_transform: Callable[[Any], Any] = lambda x: x,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.classes = [str(c) for c in classes]
         self.keys = (box_key, label_key, score_key)
         self.scale_key = scale_key
         self.orig_size_key = orig_size_key
+        self.output_transform = output_transform
+        self.batch_transform = batch_transform
 
     def attach(self, engine: Engine) -> None:
         """Write the detections of every iteration.
@@ -71,21 +78,19 @@ class DetectionWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
 
     def iteration_completed(self, engine: Engine) -> None:
-        """Write each image's JSON and overlay (rank 0).
+        """Write each image's JSON and overlay.
 
         Raises:
             KeyError: when the batch lacks the resize factor or original size of its images.
         """
-        if not is_rank0():
-            return
-        batch = engine.state.batch
+        batch = self.batch_transform(engine.state.batch)
         missing = [k for k in (self.scale_key, self.orig_size_key) if k not in batch]
         if missing:
             raise KeyError(f"DetectionWriter needs {missing} in the batch (ResizeWithBoxesd stores them).")
         image = batch["image"]
         paths = image.meta["filename_or_obj"] if hasattr(image, "meta") else batch["image_path"]
         box_key, label_key, score_key = self.keys
-        for i, pred in enumerate(engine.state.output["pred"]):
+        for i, pred in enumerate(self.output_transform(engine.state.output)["pred"]):
             scale = torch.as_tensor(batch[self.scale_key][i]).tolist()
             orig = torch.as_tensor(batch[self.orig_size_key][i]).tolist()
             boxes = boxes_to_original(pred[box_key], scale, orig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_amat.keys import AttackEvents
 from monai_amat.metrics import LandmarkErrorMetric
-from monai_amat.utils import atomic_write, is_rank0
+from monai_amat.utils import atomic_write, gather_objects, is_rank0
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -77,18 +78,31 @@ class LandmarkWriter:
 
     Reads ``pred_landmarks`` (``(K, 2)`` original pixels, from ``DecodeLandmarksd``) and the image file name from the
     decollated engine output. Writes ``landmarks.csv`` (``image,landmark,x_px,y_px,x_mm,y_mm``) and
-    ``<image stem>_landmarks.png`` in ``output_dir``, atomically, rank 0.
+    ``<image stem>_landmarks.png`` in ``output_dir``, atomically. Under ``torch.distributed`` each rank draws the
+    overlays of its images and the CSV rows are gathered to rank 0, which writes the CSV (an image that a
+    ``DistributedSampler`` repeats is listed once).
 
     Args:
         output_dir: where to write.
         spacing: mm per pixel.
         key: the decoded landmarks key.
+        output_transform: maps ``engine.state.output`` to the list of per-image outputs, as MONAI handlers take it.
+        batch_transform: maps ``engine.state.batch`` to the list of per-image inputs (with the image's metadata).
     """
 
-    def __init__(self, output_dir: str | os.PathLike, spacing: float = 0.1, key: str = "pred_landmarks") -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        spacing: float = 0.1,
+        key: str = "pred_landmarks",
+        output_transform: Callable[[Any], Any] = lambda x: x,
+        batch_transform: Callable[[Any], Any] = lambda x: x,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.spacing = float(spacing)
         self.key = key
+        self.output_transform = output_transform
+        self.batch_transform = batch_transform
         self.rows: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -103,14 +117,13 @@ class LandmarkWriter:
 
     def iteration_completed(self, engine: Engine) -> None:
         """Record each image's landmarks and draw its overlay."""
-        for out, batch in zip(engine.state.output, engine.state.batch):
+        for out, batch in zip(self.output_transform(engine.state.output), self.batch_transform(engine.state.batch)):
             path = str(batch["image"].meta["filename_or_obj"]) if hasattr(batch["image"], "meta") else str(batch["id"])
             points = torch.as_tensor(out[self.key]).cpu().numpy()
             name = Path(path).name
             for k, (x, y) in enumerate(points, start=1):
                 self.rows.append(f"{name},{k},{x:.2f},{y:.2f},{x * self.spacing:.3f},{y * self.spacing:.3f}\n")
-            if is_rank0():
-                self._overlay(path, points)
+            self._overlay(path, points)
 
     def _overlay(self, path: str, points: np.ndarray) -> None:
         import matplotlib
@@ -131,9 +144,10 @@ class LandmarkWriter:
         plt.close(fig)
 
     def completed(self, engine: Engine) -> Any:
-        """Write ``landmarks.csv`` (rank 0)."""
+        """Gather the ranks' rows and write ``landmarks.csv`` (rank 0)."""
+        rows = dict.fromkeys(row for rank_rows in gather_objects(self.rows) for row in rank_rows)
         if not is_rank0():
             return
         with atomic_write(self.output_dir / "landmarks.csv") as f:
             f.write("image,landmark,x_px,y_px,x_mm,y_mm\n")
-            f.writelines(self.rows)
+            f.writelines(rows)
