@@ -19,6 +19,7 @@ from monai.utils import convert_to_dst_type
 from torch import nn
 
 from monai_amat.criteria import LossThresholdCriterion
+from monai_amat.utils import map_tensors
 
 __all__ = [
     "PGD",
@@ -47,7 +48,7 @@ def per_sample_norm(x: torch.Tensor, norm: str = "l2") -> torch.Tensor:
         Tensor of shape ``(B,)``.
     """
     flat = x.detach().flatten(1).float()
-    return flat.norm(p=2, dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+    return torch.linalg.vector_norm(flat, ord=2 if norm == "l2" else math.inf, dim=1)
 
 
 def check_per_sample(loss: torch.Tensor, batch_size: int, name: str = "loss_fn") -> torch.Tensor:
@@ -110,25 +111,6 @@ def loss_and_correct(
 
 def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor of a (nested) list, tuple or dict, as networks and losses return them.
-
-    Args:
-        obj: a tensor, or a list/tuple/dict holding tensors (other values are kept as they are).
-        fn: the function applied to each tensor.
-
-    Returns:
-        The same structure with ``fn`` applied to its tensors.
-    """
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(o, fn) for o in obj)
-    if isinstance(obj, dict):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
-    return obj
 
 
 def to_float32(pred: Any) -> Any:

@@ -41,7 +41,7 @@ class LandmarkErrorMetric(CumulativeIterationMetric):
             raise ValueError(
                 f"predicted landmarks {tuple(y_pred.shape)} and true ones {tuple(y.shape)} differ in shape."
             )
-        errors = (y_pred - y).norm(dim=-1) * self.spacing
+        errors = torch.linalg.vector_norm(y_pred - y, dim=-1) * self.spacing
         return errors if errors.dim() == 2 else errors[None]
 
     def errors(self) -> torch.Tensor:

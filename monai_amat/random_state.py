@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from monai.transforms import Randomizable, Transform
 
-from monai_amat.utils import rank_world
+from monai_amat.utils import map_tensors, rank_world
 
 __all__ = [
     "RandomStates",
@@ -146,17 +146,6 @@ def set_generator_states(generators: list[np.random.RandomState | torch.Generato
     return True
 
 
-def _to_cpu(obj: Any) -> Any:
-    """Every tensor of a nested list/tuple/dict moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return obj
-
-
 class RandomStates:
     """Every rank's random states as one checkpointable object.
 
@@ -193,7 +182,7 @@ class RandomStates:
             return [local]
         states: list[Any] = [None] * world
         dist.all_gather_object(states, local)
-        return [_to_cpu(s) for s in states]
+        return [map_tensors(s, torch.Tensor.cpu) for s in states]
 
     def load_state_dict(self, state_dict: list[Mapping[str, Any]] | Mapping[str, Any]) -> None:
         """Restore this rank's states from what :py:meth:`state_dict` returned (or the single dict of one process).

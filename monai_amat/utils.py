@@ -7,12 +7,13 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
+import torch
 import torch.distributed as dist
 
 __all__ = [
@@ -201,3 +202,24 @@ def moved_name(module: str, name: str, new_module: str, names: tuple[str, ...]) 
         stacklevel=3,
     )
     return getattr(importlib.import_module(new_module), name)
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a (nested) list, tuple or dict, as networks and losses return them.
+
+    Ignite's ``apply_to_tensor`` does the same, but the ground floor does not import Ignite.
+
+    Args:
+        obj: a tensor, or a list/tuple/dict holding tensors (other values are kept as they are).
+        fn: the function applied to each tensor.
+
+    Returns:
+        The same structure with ``fn`` applied to its tensors.
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj

@@ -33,8 +33,7 @@ def area_under_curve(eps: Sequence[float], values: Sequence[float]) -> float:
     Returns:
         The area; 0 for a single level.
     """
-    x, y = np.asarray(eps, dtype=float), np.asarray(values, dtype=float)
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+    return float(np.trapezoid(np.asarray(values, dtype=float), np.asarray(eps, dtype=float)))
 
 
 def plot_robustness(
