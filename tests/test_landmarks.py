@@ -151,3 +151,31 @@ def test_landmark_writer_gathers_the_ranks_rows_and_writes_each_image_once(tmp_p
     lines = (tmp_path / "out" / "landmarks.csv").read_text().splitlines()
     assert lines == ["image,landmark,x_px,y_px,x_mm,y_mm", "a.png,1,1.00,1.00,0.100,0.100", other_rank[0].strip()]
     assert (tmp_path / "out" / "a_landmarks.png").is_file()  # this rank's overlay; rank 1 draws b's
+
+
+def test_array_versions_aliases_and_missing_keys():
+    from monai_amat.transforms import (
+        DecodeLandmarks,
+        LandmarkTarget,
+        LandmarkTargetD,
+        LandmarkTargetDict,
+        ResizeWithBoxesD,
+        ResizeWithBoxesd,
+        ResizeWithLandmarksDict,
+    )
+
+    lm = torch.tensor([[10.0, 5.0], [3.0, 12.0]])
+    target = LandmarkTarget(0.1)(lm, (20, 16))
+    assert torch.equal(target, landmark_target(lm, (20, 16), radius=2.0))
+    # the target read as a (perfect) prediction decodes to the landmarks, and to a 2x larger original image's pixels
+    logits = torch.cat([target[:2] * 20 - 10, target[2:]])
+    assert torch.allclose(DecodeLandmarks(0.1)(logits), lm, atol=1e-3)
+    assert torch.allclose(DecodeLandmarks(0.1)(logits, (40, 32)), lm * 2, atol=1e-3)
+    assert LandmarkTargetD is LandmarkTargetDict is LandmarkTargetd and ResizeWithBoxesD is ResizeWithBoxesd
+    image = {"image": torch.zeros(1, 40, 32)}
+    assert ResizeWithLandmarksDict(["image", "other"], spatial_size=(20, 16), allow_missing_keys=True)(image)[
+        "image"
+    ].shape == (1, 20, 16)
+    assert "target" not in LandmarkTargetd(allow_missing_keys=True)(image)  # inference data: no landmarks
+    with pytest.raises(KeyError):
+        LandmarkTargetd()(image)

@@ -1,8 +1,16 @@
-from monai_amat.transforms.boxes import ResizeWithBoxesd, boxes_to_original
+from monai_amat.transforms.boxes import ResizeWithBoxesD, ResizeWithBoxesd, ResizeWithBoxesDict, boxes_to_original
 from monai_amat.transforms.landmarks import (
+    DecodeLandmarks,
+    DecodeLandmarksD,
     DecodeLandmarksd,
+    DecodeLandmarksDict,
+    LandmarkTarget,
+    LandmarkTargetD,
     LandmarkTargetd,
+    LandmarkTargetDict,
+    ResizeWithLandmarksD,
     ResizeWithLandmarksd,
+    ResizeWithLandmarksDict,
     decode_landmarks,
     landmark_target,
     split_landmark_output,
@@ -10,10 +18,20 @@ from monai_amat.transforms.landmarks import (
 
 __all__ = [
     "ResizeWithBoxesd",
+    "ResizeWithBoxesD",
+    "ResizeWithBoxesDict",
     "boxes_to_original",
+    "DecodeLandmarks",
     "DecodeLandmarksd",
+    "DecodeLandmarksD",
+    "DecodeLandmarksDict",
+    "LandmarkTarget",
     "LandmarkTargetd",
+    "LandmarkTargetD",
+    "LandmarkTargetDict",
     "ResizeWithLandmarksd",
+    "ResizeWithLandmarksD",
+    "ResizeWithLandmarksDict",
     "decode_landmarks",
     "landmark_target",
     "split_landmark_output",

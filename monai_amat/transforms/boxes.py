@@ -10,7 +10,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Resize, SpatialPad
 
-__all__ = ["ResizeWithBoxesd", "boxes_to_original"]
+__all__ = ["ResizeWithBoxesd", "ResizeWithBoxesD", "ResizeWithBoxesDict", "boxes_to_original"]
 
 
 def boxes_to_original(boxes: Any, scale: Sequence[float], orig_size: Sequence[int]) -> np.ndarray:
@@ -46,6 +46,7 @@ class ResizeWithBoxesd(MapTransform):
         scale_key: where to store the per-axis factor.
         orig_size_key: where to store the original spatial size.
         mode: interpolation mode of the image.
+        allow_missing_keys: skip a missing image key.
     """
 
     def __init__(
@@ -56,8 +57,9 @@ class ResizeWithBoxesd(MapTransform):
         scale_key: str = "box_scale",
         orig_size_key: str = "orig_size",
         mode: str = "area",
+        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.box_key = box_key
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.scale_key = scale_key
@@ -86,3 +88,6 @@ class ResizeWithBoxesd(MapTransform):
                 boxes = np.asarray(d[self.box_key], dtype=np.float32).reshape(-1, 2 * len(orig))
                 d[self.box_key] = boxes * np.concatenate([scale, scale])
         return d
+
+
+ResizeWithBoxesD = ResizeWithBoxesDict = ResizeWithBoxesd

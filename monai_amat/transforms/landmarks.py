@@ -14,14 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Resize
+from monai.transforms import MapTransform, Resize, Transform
 
 from monai_amat.losses import split_landmark_output
 
 __all__ = [
+    "LandmarkTarget",
+    "DecodeLandmarks",
     "ResizeWithLandmarksd",
+    "ResizeWithLandmarksD",
+    "ResizeWithLandmarksDict",
     "LandmarkTargetd",
+    "LandmarkTargetD",
+    "LandmarkTargetDict",
     "DecodeLandmarksd",
+    "DecodeLandmarksD",
+    "DecodeLandmarksDict",
     "landmark_target",
     "decode_landmarks",
     "split_landmark_output",
@@ -80,6 +88,43 @@ def decode_landmarks(pred: torch.Tensor, radius: float, threshold: float = 0.5) 
     return torch.stack([x, y], dim=-1)
 
 
+class LandmarkTarget(Transform):
+    """The disk-heatmap + offset target of landmarks on an image grid (array version of :py:class:`LandmarkTargetd`).
+
+    Args:
+        radius_ratio: disk radius as a fraction of the larger image side (the paper: 5%).
+    """
+
+    def __init__(self, radius_ratio: float = 0.05) -> None:
+        self.radius_ratio = radius_ratio
+
+    def __call__(self, landmarks: Any, size: Sequence[int]) -> torch.Tensor:
+        """``(3K, H, W)`` target of ``(K, 2)`` x, y landmarks on an ``(H, W)`` grid (see :py:func:`landmark_target`)."""
+        size = tuple(int(s) for s in size)
+        return landmark_target(torch.as_tensor(np.asarray(landmarks)), size, self.radius_ratio * max(size))
+
+
+class DecodeLandmarks(Transform):
+    """A ``(3K, H, W)`` prediction decoded to ``(K, 2)`` x, y (array version of :py:class:`DecodeLandmarksd`).
+
+    Args:
+        radius_ratio: the disk radius used in training, as a fraction of the larger side of the network grid.
+    """
+
+    def __init__(self, radius_ratio: float = 0.05) -> None:
+        self.radius_ratio = radius_ratio
+
+    def __call__(self, pred: Any, orig_size: Sequence[int] | None = None) -> torch.Tensor:
+        """Decode (see :py:func:`decode_landmarks`); with ``orig_size`` ``(H, W)``, in that image's pixels."""
+        pred = torch.as_tensor(pred)
+        size = pred.shape[1:]
+        grid = decode_landmarks(pred[None], self.radius_ratio * max(size))[0]
+        if orig_size is None:
+            return grid
+        orig = torch.as_tensor(np.asarray(orig_size), dtype=torch.float32).reshape(-1)
+        return grid * torch.stack([orig[1] / size[1], orig[0] / size[0]]).to(grid.device)
+
+
 class ResizeWithLandmarksd(MapTransform):
     """Resize a ``(C, H, W)`` image to ``spatial_size`` and scale its landmarks alike.
 
@@ -91,6 +136,7 @@ class ResizeWithLandmarksd(MapTransform):
         spatial_size: ``(H, W)`` of the output.
         orig_size_key: where to store the original ``(H, W)``.
         mode: interpolation mode of the image.
+        allow_missing_keys: skip a missing image key.
     """
 
     def __init__(
@@ -100,8 +146,9 @@ class ResizeWithLandmarksd(MapTransform):
         spatial_size: Sequence[int] = (200, 160),
         orig_size_key: str = "orig_size",
         mode: str = "area",
+        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.landmarks_key = landmarks_key
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.orig_size_key = orig_size_key
@@ -128,6 +175,7 @@ class LandmarkTargetd(MapTransform):
         image_key: the image whose ``(H, W)`` the target takes.
         target_key: where to store the ``(3K, H, W)`` target.
         radius_ratio: disk radius as a fraction of the larger image side (the paper: 5%).
+        allow_missing_keys: skip missing landmarks (e.g. inference data).
     """
 
     def __init__(
@@ -136,20 +184,18 @@ class LandmarkTargetd(MapTransform):
         image_key: str = "image",
         target_key: str = "target",
         radius_ratio: float = 0.05,
+        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
         self.target_key = target_key
-        self.radius_ratio = radius_ratio
+        self.target = LandmarkTarget(radius_ratio)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Build the target."""
         d = dict(data)
-        size = tuple(int(s) for s in d[self.image_key].shape[1:])
         for key in self.key_iterator(d):
-            d[self.target_key] = landmark_target(
-                torch.as_tensor(np.asarray(d[key])), size, self.radius_ratio * max(size)
-            )
+            d[self.target_key] = self.target(d[key], d[self.image_key].shape[1:])
         return d
 
 
@@ -179,7 +225,7 @@ class DecodeLandmarksd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_key = output_key
-        self.radius_ratio = radius_ratio
+        self.decode = DecodeLandmarks(radius_ratio)
         self.orig_size_key = orig_size_key
         self.truth_key = truth_key
         self.truth_output_key = truth_output_key
@@ -188,12 +234,12 @@ class DecodeLandmarksd(MapTransform):
         """Decode and rescale."""
         d = dict(data)
         for key in self.key_iterator(d):
-            pred = torch.as_tensor(d[key])
-            size = pred.shape[1:]
-            grid = decode_landmarks(pred[None], self.radius_ratio * max(size))[0]
-            orig = torch.as_tensor(np.asarray(d[self.orig_size_key]), dtype=torch.float32).reshape(-1)
-            scale = torch.stack([orig[1] / size[1], orig[0] / size[0]]).to(grid.device)
-            d[self.output_key] = grid * scale
+            d[self.output_key] = self.decode(d[key], d[self.orig_size_key])
         if self.truth_key in d:
             d[self.truth_output_key] = torch.as_tensor(np.asarray(d[self.truth_key]), dtype=torch.float32)
         return d
+
+
+ResizeWithLandmarksD = ResizeWithLandmarksDict = ResizeWithLandmarksd
+LandmarkTargetD = LandmarkTargetDict = LandmarkTargetd
+DecodeLandmarksD = DecodeLandmarksDict = DecodeLandmarksd
