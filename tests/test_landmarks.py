@@ -179,3 +179,33 @@ def test_array_versions_aliases_and_missing_keys():
     assert "target" not in LandmarkTargetd(allow_missing_keys=True)(image)  # inference data: no landmarks
     with pytest.raises(KeyError):
         LandmarkTargetd()(image)
+
+
+def test_resize_transforms_invert_through_monai_applied_operations():
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Invertd
+
+    from monai_amat.transforms import ResizeWithBoxesd
+
+    image = MetaTensor(torch.rand(1, 40, 30))
+    lm = np.array([[10.0, 5.0], [3.0, 36.0]], np.float32)
+    resize = ResizeWithLandmarksd("image", spatial_size=(20, 16))
+    out = resize({"image": image, "landmarks": lm})
+    assert out["image"].shape == (1, 20, 16) and len(out["image"].applied_operations) == 1
+    back = resize.inverse(out)
+    assert back["image"].shape == (1, 40, 30) and not back["image"].applied_operations
+    np.testing.assert_allclose(back["landmarks"], lm, rtol=1e-5)
+
+    boxes = np.array([[4.0, 6.0, 20.0, 28.0]], np.float32)
+    pipeline = Compose([ResizeWithBoxesd("image", spatial_size=(32, 32))])
+    original = MetaTensor(torch.rand(1, 40, 30))
+    out = pipeline({"image": original, "boxes": boxes})
+    assert out["image"].shape == (1, 32, 32)  # fitted (factor 0.8) and padded at the end
+    back = pipeline.inverse(out)
+    assert back["image"].shape == (1, 40, 30)
+    np.testing.assert_allclose(back["boxes"], boxes, rtol=1e-5)
+    # MONAI's Invertd maps a prediction on the network grid back to the original image through the same operations
+    out = pipeline({"image": original, "boxes": boxes})
+    out["pred"] = out["image"].clone()
+    inverted = Invertd("pred", transform=pipeline, orig_keys="image")(out)
+    assert inverted["pred"].shape == (1, 40, 30)

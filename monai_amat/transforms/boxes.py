@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Resize, SpatialPad
+from monai.transforms import InvertibleTransform, MapTransform, Resize, SpatialPad
 
 __all__ = ["ResizeWithBoxesd", "ResizeWithBoxesD", "ResizeWithBoxesDict", "boxes_to_original"]
 
@@ -30,14 +30,15 @@ def boxes_to_original(boxes: Any, scale: Sequence[float], orig_size: Sequence[in
     return np.clip(out, 0.0, np.concatenate([orig_size, orig_size]).astype(np.float64)).astype(np.float32)
 
 
-class ResizeWithBoxesd(MapTransform):
+class ResizeWithBoxesd(MapTransform, InvertibleTransform):
     """Fit an image into ``spatial_size`` keeping its aspect ratio, pad the rest at the end, and scale its boxes.
 
     The image ``(C, *spatial)`` is resized by ``min(spatial_size / spatial)`` (as YOLO's letterbox does, so cells
     keep their shape) and zero-padded after its last row and column to exactly ``spatial_size``; boxes in corner
     mode (``xmin, ymin, xmax, ymax`` with x along the first spatial axis, MONAI's convention) are scaled by the
     resize's actual per-axis factor. The factor and the original size are stored so predictions can be mapped
-    back with :py:func:`boxes_to_original`.
+    back with :py:func:`boxes_to_original`. The resize and the padding are recorded in a MetaTensor image's applied
+    operations, so :py:meth:`inverse` (and MONAI's ``Invertd``) restores the original grid.
 
     Args:
         keys: the image key.
@@ -87,6 +88,21 @@ class ResizeWithBoxesd(MapTransform):
             if self.box_key in d:
                 boxes = np.asarray(d[self.box_key], dtype=np.float32).reshape(-1, 2 * len(orig))
                 d[self.box_key] = boxes * np.concatenate([scale, scale])
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Undo the padding and the resize of the image(s) (MetaTensors), and map the boxes back.
+
+        Returns:
+            The data on the original grid.
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = self.pad.inverse(d[key])
+            resize = Resize(self.spatial_size)  # the size of each call's resize depended on its image
+            d[key] = resize.inverse_transform(image, resize.pop_transform(image, check=False))
+            if self.box_key in d:
+                d[self.box_key] = boxes_to_original(d[self.box_key], d[self.scale_key], d[self.orig_size_key])
         return d
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Resize, Transform
+from monai.transforms import InvertibleTransform, MapTransform, Resize, Transform
 
 from monai_amat.losses import split_landmark_output
 
@@ -125,10 +125,12 @@ class DecodeLandmarks(Transform):
         return grid * torch.stack([orig[1] / size[1], orig[0] / size[0]]).to(grid.device)
 
 
-class ResizeWithLandmarksd(MapTransform):
+class ResizeWithLandmarksd(MapTransform, InvertibleTransform):
     """Resize a ``(C, H, W)`` image to ``spatial_size`` and scale its landmarks alike.
 
-    The original size is stored under ``orig_size_key`` (``(H, W)``) so predictions can be mapped back.
+    The original size is stored under ``orig_size_key`` (``(H, W)``) so predictions can be mapped back; the resize is
+    recorded in a MetaTensor image's applied operations, so :py:meth:`inverse` (and MONAI's ``Invertd``) restores the
+    original grid.
 
     Args:
         keys: the image key.
@@ -163,6 +165,21 @@ class ResizeWithLandmarksd(MapTransform):
             d[self.orig_size_key] = np.asarray(orig)
             if self.landmarks_key in d:
                 scale = np.array([self.spatial_size[1] / orig[1], self.spatial_size[0] / orig[0]], dtype=np.float32)
+                d[self.landmarks_key] = np.asarray(d[self.landmarks_key], dtype=np.float32) * scale
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Undo the resize of the image(s) (MetaTensors) and scale the landmarks back.
+
+        Returns:
+            The data on the original grid.
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resize.inverse(d[key])
+            if self.landmarks_key in d:
+                orig = np.asarray(d[self.orig_size_key], dtype=np.float32).reshape(-1)
+                scale = np.array([orig[1] / self.spatial_size[1], orig[0] / self.spatial_size[0]], dtype=np.float32)
                 d[self.landmarks_key] = np.asarray(d[self.landmarks_key], dtype=np.float32) * scale
         return d
 
