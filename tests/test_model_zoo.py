@@ -91,3 +91,21 @@ def test_model_zoo_layout(bundle):
     # the trained AMAT model goes where inference.json (and ckpt_export, verify_net_in_out) look for it
     assert train["models_dir"] == "$@bundle_root + '/models'" and train["export_model"] is True
     assert inference["ckpt_path"] == "$@bundle_root + '/models/model.pt'"
+
+
+@pytest.mark.slow  # starts a process
+def test_ckpt_export_with_the_bundle_defaults(tmp_path):
+    """``monai.bundle ckpt_export`` finds ``models/model.pt`` (where train.json exports) under ``bundle_root``."""
+    import subprocess
+    import sys
+
+    bundle = "msd_hippocampus_seg_amat"
+    parser = ConfigParser()
+    parser.read_config(configs(bundle, "inference"))
+    (tmp_path / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "models" / "model.pt")
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--bundle_root", str(tmp_path)]
+    cmd += ["--config_file", configs(bundle, "inference")[0], "--meta_file", configs(bundle, "metadata")[0]]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    net = torch.jit.load(str(tmp_path / "models" / "model.ts"))
+    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
