@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_net_in_out
+from monai.transforms import Compose, Invertd
 
 from tests.helpers import DETECTION_SPATIAL, ROOT, SEG_BUNDLES, configs, tiny
 
@@ -49,6 +50,15 @@ def test_train_and_inference_workflows_pass_monai_property_checks(bundle, tmp_pa
     assert workflow.dataset_dir == data_set  # MONAI's property: the data set folder, whose images it infers on
     assert workflow.parser.get_parsed_content("input_dir").startswith(data_set + "/")
     assert len(workflow.dataset) > 0
+    # MONAI's Invertd maps a prediction on the network grid back to the input image's grid through the
+    # preprocessing's applied operations
+    item = workflow.dataset[0]
+    item["pred"] = item["image"].clone()
+    preprocessing = workflow.parser.get_parsed_content("preprocessing")
+    inverted = Invertd("pred", transform=preprocessing, orig_keys="image")(item)
+    loaded = Compose(preprocessing.transforms[:2])({"image": item["image"].meta["filename_or_obj"]})["image"]
+    assert inverted["pred"].shape[1:] == loaded.shape[1:]  # loading and channel-first: nothing to invert
+    assert item["image"].shape[1:] != inverted["pred"].shape[1:]  # the network grid is another one
 
 
 @pytest.mark.parametrize("bundle", [b for b in BUNDLES if not b.startswith("bccd")])
