@@ -102,6 +102,14 @@ def test_missing_index_is_named():
         _engine(handler, [batch]).run([batch], max_epochs=1)
 
 
+def test_output_transform_reads_another_engine_output_layout():
+    handler = MarginHandler(2, delta=1.0, output_transform=lambda output: output["attack"])
+    batch = _batch([0, 1], [False, True], [1.0, 0.5])
+    _engine(handler, [{"attack": batch}]).run([{"attack": batch}], max_epochs=1)
+    margins = handler.margins.tolist()
+    assert margins[0] == 2.0 and margins[1] < 1.0  # 0 expands by delta, 1 (wrong at 0.5) is pulled back
+
+
 def _rank(rank, world, init, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     handler = MarginHandler(6, delta=1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +71,8 @@ class MarginHandler:
             diagnostics into a group and the rest, e.g. :py:func:`label_has_foreground` for segmentation; None
             gives no split.
         group_name: the group's name in the statistics.
+        output_transform: maps ``engine.state.output`` to the dict of :py:class:`~monai_amat.keys.AttackKeys` (and,
+            for ``group_fn``, the batch) that the adversarial trainers write, as MONAI handlers take it.
 
     Raises:
         ValueError: for invalid ``num_samples``, ``delta``, ``max_margin`` or ``estimate``.
@@ -89,7 +91,9 @@ class MarginHandler:
         tag_name: str = "margin",
         group_fn: Callable[[dict], torch.Tensor] | None = None,
         group_name: str = "foreground",
+        output_transform: Callable[[Any], Mapping[str, Any]] = lambda x: x,
     ) -> None:
+        self.output_transform = output_transform
         self.table = MarginTable(num_samples, delta, max_margin, estimate, reset_clean_wrong, group_name)
         self.group_fn = group_fn
         self.output_dir = None if output_dir is None else Path(output_dir)
@@ -150,7 +154,7 @@ class MarginHandler:
         Raises:
             ValueError: when the output has no sample indices.
         """
-        out = engine.state.output
+        out = self.output_transform(engine.state.output)
         if out.get(AttackKeys.INDEX) is None:
             raise ValueError("MarginHandler needs sample indices in the batch ('index' key; see AMATTrainer).")
         self.table.record(
