@@ -242,3 +242,22 @@ def test_prepare_msd_over_loopback(tmp_path, loopback_archive):
     assert prepare_msd("Task04_Hippocampus", out, url="http://127.0.0.1:1/unused.tar") == task_dir  # already there
     with pytest.raises(ValueError, match="Task04_Hippocampus"):
         prepare_msd("Task99_Nope", out)
+
+
+def test_msd_volumes_are_the_slices_stacked_with_one_index_per_case(tmp_path):
+    from monai_amat.data.segmentation import msd_slices, msd_volumes
+
+    args = ("embedded", "Task04_Hippocampus", [16, 16])
+    kwargs = {"embedded_dir": tmp_path, "embedded_cases": 6}
+    volumes, slices = msd_volumes(*args, **kwargs), msd_slices(*args, **kwargs)
+    assert [v["index"] for v in volumes["train"]] == list(range(len(volumes["train"])))
+    for split in ("train", "val", "test"):
+        assert sorted({s["case"] for s in slices[split]}) == sorted(v["case"] for v in volumes[split])
+    first = volumes["train"][0]
+    depth = first["image"].shape[-1]
+    assert first["image"].shape == (1, 16, 16, depth) and first["label"].shape == (1, 16, 16, depth)
+    own = [s for s in slices["train"] if s["case"] == first["case"]]
+    assert len(own) == depth
+    np.testing.assert_array_equal(np.stack([s["image"] for s in own], -1), first["image"])
+    np.testing.assert_array_equal(np.stack([s["label"] for s in own], -1), first["label"])
+    assert volumes["out_channels"] == slices["out_channels"] == 3

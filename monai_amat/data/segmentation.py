@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from monai_amat.data.synthetic import make_embedded_msd
 from monai_amat.data.utils import add_sample_index, data_root
 from monai_amat.utils import root_cause
 
-__all__ = ["volume_transforms", "volume_slices", "check_volume", "msd_slices"]
+__all__ = ["volume_transforms", "volume_slices", "volume_cases", "check_volume", "msd_slices", "msd_volumes"]
 
 
 def volume_transforms(spatial_size: Sequence[int], keys: Sequence[str] = ("image", "label")) -> Compose:
@@ -77,6 +77,25 @@ def check_volume(path: str, array: Any, label: bool = False, num_classes: int | 
         )
 
 
+def _read_volumes(
+    cases: Sequence[dict[str, str]], spatial_size: Sequence[int], num_classes: int | None
+) -> Iterator[tuple[dict[str, str], np.ndarray, np.ndarray]]:
+    """Each case's preprocessed ``(image (C, H, W, D), label (1, H, W, D))``, every file checked as it is read."""
+    loaders = {key: Compose(_loading([key])) for key in ("image", "label")}
+    resample = Compose(_resampling(spatial_size, ("image", "label")))
+    for case in cases:
+        volume = {}
+        for key, load in loaders.items():
+            try:
+                volume.update(load({key: case[key]}))
+            except Exception as e:  # MONAI's error does not name the file (e.g. EOFError of a truncated .nii.gz)
+                raise ValueError(f"{case[key]} cannot be read ({root_cause(e)}).") from e
+        check_volume(case["image"], volume["image"])
+        check_volume(case["label"], volume["label"], label=True, num_classes=num_classes)
+        volume = resample(volume)
+        yield case, np.asarray(volume["image"], dtype=np.float32), np.asarray(volume["label"], dtype=np.float32)
+
+
 def volume_slices(
     cases: Sequence[dict[str, str]], spatial_size: Sequence[int], num_classes: int | None = None
 ) -> list[dict[str, Any]]:
@@ -95,31 +114,38 @@ def volume_slices(
         ValueError: naming the file that cannot be read (e.g. a truncated ``.nii.gz``), has NaN/inf voxels, or has
             label values that are not class indices.
     """
-    loaders = {key: Compose(_loading([key])) for key in ("image", "label")}
-    resample = Compose(_resampling(spatial_size, ("image", "label")))
-    out = []
-    for case in cases:
-        volume = {}
-        for key, load in loaders.items():
-            try:
-                volume.update(load({key: case[key]}))
-            except Exception as e:  # MONAI's error does not name the file (e.g. EOFError of a truncated .nii.gz)
-                raise ValueError(f"{case[key]} cannot be read ({root_cause(e)}).") from e
-        check_volume(case["image"], volume["image"])
-        check_volume(case["label"], volume["label"], label=True, num_classes=num_classes)
-        volume = resample(volume)
-        image = np.asarray(volume["image"], dtype=np.float32)
-        label = np.asarray(volume["label"], dtype=np.float32)
-        for k in range(image.shape[-1]):
-            out.append(
-                {
-                    "image": np.ascontiguousarray(image[..., k]),
-                    "label": np.ascontiguousarray(label[..., k]),
-                    "case": case["case"],
-                    "slice": k,
-                }
-            )
-    return out
+    return [
+        {
+            "image": np.ascontiguousarray(image[..., k]),
+            "label": np.ascontiguousarray(label[..., k]),
+            "case": case["case"],
+            "slice": k,
+        }
+        for case, image, label in _read_volumes(cases, spatial_size, num_classes)
+        for k in range(image.shape[-1])
+    ]
+
+
+def volume_cases(
+    cases: Sequence[dict[str, str]], spatial_size: Sequence[int], num_classes: int | None = None
+) -> list[dict[str, Any]]:
+    """Every case as one 3D sample, preprocessed as the slices of :py:func:`volume_slices` (for 3D training).
+
+    Args:
+        cases: ``{"image", "label", "case"}`` dicts (paths).
+        spatial_size: the in-plane size ``(H, W)``; the number of slices is kept.
+        num_classes: as in :py:func:`volume_slices`.
+
+    Returns:
+        ``{"image": (C, H, W, D) float32, "label": (1, H, W, D) float32, "case": name}`` dicts, cases in order.
+
+    Raises:
+        ValueError: as :py:func:`volume_slices`.
+    """
+    return [
+        {"image": image, "label": label, "case": case["case"]}
+        for case, image, label in _read_volumes(cases, spatial_size, num_classes)
+    ]
 
 
 def msd_slices(
@@ -157,6 +183,62 @@ def msd_slices(
             data; a file that cannot be read, or with NaN/inf voxels or labels outside ``dataset.json``'s
             (:py:func:`volume_slices`).
     """
+    return _msd_sets(
+        volume_slices, data_source, task, spatial_size, dataset_dir, embedded_dir, embedded_cases, seed, num_folds, fold
+    )
+
+
+def msd_volumes(
+    data_source: str,
+    task: str,
+    spatial_size: Sequence[int],
+    dataset_dir: str | os.PathLike | None = None,
+    embedded_dir: str | os.PathLike | None = None,
+    embedded_cases: int = 8,
+    seed: int = 0,
+    num_folds: int = 5,
+    fold: int = 1,
+) -> dict[str, Any]:
+    """The train / validation / test volume sets of an MSD task: :py:func:`msd_slices` with whole cases as samples.
+
+    Each training case carries an ``"index"``: in 3D, AMAT keeps one margin per case (its patches change from epoch
+    to epoch, as augmentation changes a slice).
+
+    Args:
+        data_source: as in :py:func:`msd_slices`.
+        task: as in :py:func:`msd_slices`.
+        spatial_size: in-plane size ``(H, W)``; the number of slices is kept.
+        dataset_dir: as in :py:func:`msd_slices`.
+        embedded_dir: as in :py:func:`msd_slices`.
+        embedded_cases: as in :py:func:`msd_slices`.
+        seed: as in :py:func:`msd_slices`.
+        num_folds: as in :py:func:`msd_slices`.
+        fold: as in :py:func:`msd_slices`.
+
+    Returns:
+        As :py:func:`msd_slices`, with :py:func:`volume_cases` items.
+
+    Raises:
+        ValueError: as :py:func:`msd_slices`.
+    """
+    return _msd_sets(
+        volume_cases, data_source, task, spatial_size, dataset_dir, embedded_dir, embedded_cases, seed, num_folds, fold
+    )
+
+
+def _msd_sets(
+    samples: Callable[..., list[dict[str, Any]]],
+    data_source: str,
+    task: str,
+    spatial_size: Sequence[int],
+    dataset_dir: str | os.PathLike | None,
+    embedded_dir: str | os.PathLike | None,
+    embedded_cases: int,
+    seed: int,
+    num_folds: int,
+    fold: int,
+) -> dict[str, Any]:
+    """The split of an MSD task's cases, each set turned into samples by ``samples`` (slices or volumes)."""
     root = data_root(
         data_source,
         dataset_dir,
@@ -168,11 +250,12 @@ def msd_slices(
     for case in dataset.cases:
         check_case(case)
     train, val, test = split_cases(dataset.cases, num_folds=num_folds, fold=fold, seed=seed)
+    num_classes = len(dataset.labels)
     return {
-        "train": add_sample_index(volume_slices(train, spatial_size, len(dataset.labels))),
-        "val": volume_slices(val, spatial_size, len(dataset.labels)),
-        "test": volume_slices(test, spatial_size, len(dataset.labels)),
+        "train": add_sample_index(samples(train, spatial_size, num_classes)),
+        "val": samples(val, spatial_size, num_classes),
+        "test": samples(test, spatial_size, num_classes),
         "in_channels": len(dataset.modalities),
-        "out_channels": len(dataset.labels),
+        "out_channels": num_classes,
         "labels": dataset.labels,
     }
