@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -158,6 +158,8 @@ def msd_slices(
     seed: int = 0,
     num_folds: int = 5,
     fold: int = 1,
+    *,
+    volumes: bool = False,
 ) -> dict[str, Any]:
     """The train / validation / test slice sets of an MSD task, from the real data or the embedded set.
 
@@ -172,6 +174,7 @@ def msd_slices(
         seed: seeds the embedded data and the split.
         num_folds: folds of the split.
         fold: the held-out fold.
+        volumes: whole cases as samples instead of their slices (:py:func:`msd_volumes`).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...], "in_channels": number of modalities,
@@ -183,62 +186,6 @@ def msd_slices(
             data; a file that cannot be read, or with NaN/inf voxels or labels outside ``dataset.json``'s
             (:py:func:`volume_slices`).
     """
-    return _msd_sets(
-        volume_slices, data_source, task, spatial_size, dataset_dir, embedded_dir, embedded_cases, seed, num_folds, fold
-    )
-
-
-def msd_volumes(
-    data_source: str,
-    task: str,
-    spatial_size: Sequence[int],
-    dataset_dir: str | os.PathLike | None = None,
-    embedded_dir: str | os.PathLike | None = None,
-    embedded_cases: int = 8,
-    seed: int = 0,
-    num_folds: int = 5,
-    fold: int = 1,
-) -> dict[str, Any]:
-    """The train / validation / test volume sets of an MSD task: :py:func:`msd_slices` with whole cases as samples.
-
-    Each training case carries an ``"index"``: in 3D, AMAT keeps one margin per case (its patches change from epoch
-    to epoch, as augmentation changes a slice).
-
-    Args:
-        data_source: as in :py:func:`msd_slices`.
-        task: as in :py:func:`msd_slices`.
-        spatial_size: in-plane size ``(H, W)``; the number of slices is kept.
-        dataset_dir: as in :py:func:`msd_slices`.
-        embedded_dir: as in :py:func:`msd_slices`.
-        embedded_cases: as in :py:func:`msd_slices`.
-        seed: as in :py:func:`msd_slices`.
-        num_folds: as in :py:func:`msd_slices`.
-        fold: as in :py:func:`msd_slices`.
-
-    Returns:
-        As :py:func:`msd_slices`, with :py:func:`volume_cases` items.
-
-    Raises:
-        ValueError: as :py:func:`msd_slices`.
-    """
-    return _msd_sets(
-        volume_cases, data_source, task, spatial_size, dataset_dir, embedded_dir, embedded_cases, seed, num_folds, fold
-    )
-
-
-def _msd_sets(
-    samples: Callable[..., list[dict[str, Any]]],
-    data_source: str,
-    task: str,
-    spatial_size: Sequence[int],
-    dataset_dir: str | os.PathLike | None,
-    embedded_dir: str | os.PathLike | None,
-    embedded_cases: int,
-    seed: int,
-    num_folds: int,
-    fold: int,
-) -> dict[str, Any]:
-    """The split of an MSD task's cases, each set turned into samples by ``samples`` (slices or volumes)."""
     root = data_root(
         data_source,
         dataset_dir,
@@ -251,6 +198,7 @@ def _msd_sets(
         check_case(case)
     train, val, test = split_cases(dataset.cases, num_folds=num_folds, fold=fold, seed=seed)
     num_classes = len(dataset.labels)
+    samples = volume_cases if volumes else volume_slices
     return {
         "train": add_sample_index(samples(train, spatial_size, num_classes)),
         "val": samples(val, spatial_size, num_classes),
@@ -259,3 +207,25 @@ def _msd_sets(
         "out_channels": num_classes,
         "labels": dataset.labels,
     }
+
+
+def msd_volumes(data_source: str, task: str, spatial_size: Sequence[int], **kwargs: Any) -> dict[str, Any]:
+    """The train / validation / test volume sets of an MSD task: :py:func:`msd_slices` with whole cases as samples.
+
+    Each training case carries an ``"index"``: in 3D, AMAT keeps one margin per case (its patches change from epoch
+    to epoch, as augmentation changes a slice).
+
+    Args:
+        data_source: as in :py:func:`msd_slices`.
+        task: as in :py:func:`msd_slices`.
+        spatial_size: in-plane size ``(H, W)``; the number of slices is kept.
+        kwargs: ``dataset_dir``, ``embedded_dir``, ``embedded_cases``, ``seed``, ``num_folds``, ``fold`` as in
+            :py:func:`msd_slices`.
+
+    Returns:
+        As :py:func:`msd_slices`, with :py:func:`volume_cases` items.
+
+    Raises:
+        ValueError: as :py:func:`msd_slices`.
+    """
+    return msd_slices(data_source, task, spatial_size, volumes=True, **kwargs)
