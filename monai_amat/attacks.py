@@ -28,6 +28,7 @@ __all__ = [
     "per_sample_norm",
     "check_per_sample",
     "loss_and_correct",
+    "hands_over",
     "map_tensors",
     "to_float32",
 ]
@@ -75,6 +76,19 @@ def check_per_sample(loss: torch.Tensor, batch_size: int, name: str = "loss_fn")
     return loss
 
 
+def hands_over(loss_fn: Callable[[Any, Any], torch.Tensor], criterion: Any) -> bool:
+    """Whether ``criterion`` judges the very components ``loss_fn`` sums, so they are computed once and handed over.
+
+    Args:
+        loss_fn: the per-sample loss.
+        criterion: the criterion, or None.
+
+    Returns:
+        True for a :py:class:`LossThresholdCriterion` built on ``loss_fn.components``.
+    """
+    return isinstance(criterion, LossThresholdCriterion) and criterion.judges(loss_fn)
+
+
 def loss_and_correct(
     loss_fn: Callable[[Any, Any], torch.Tensor],
     pred: Any,
@@ -82,6 +96,7 @@ def loss_and_correct(
     batch_size: int,
     criterion: Callable[[Any, Any], torch.Tensor] | None = None,
     name: str = "loss_fn",
+    hand_over: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The per-sample loss of a prediction and, with a criterion, which samples are correct.
 
@@ -95,6 +110,8 @@ def loss_and_correct(
         batch_size: number of samples.
         criterion: ``criterion(pred, target) -> BoolTensor[B]``; None skips it.
         name: how to call the loss in an error message.
+        hand_over: :py:func:`hands_over` of ``loss_fn`` and ``criterion``, when the caller has decided it once for
+            many calls (an attack's iterates); None decides it here.
 
     Returns:
         ``(loss (B,), correct (B,) bool or None)``.
@@ -102,7 +119,7 @@ def loss_and_correct(
     Raises:
         ValueError: when the loss is not one value per sample.
     """
-    if isinstance(criterion, LossThresholdCriterion) and criterion.judges(loss_fn):
+    if hands_over(loss_fn, criterion) if hand_over is None else hand_over:
         parts = loss_fn.components(pred, targets)
         return check_per_sample(loss_fn.total(parts), batch_size, name), criterion.check(parts)
     loss = check_per_sample(loss_fn(pred, targets), batch_size, name)
@@ -273,6 +290,8 @@ class PGD:
         brackets = (torch.zeros_like(x), torch.zeros_like(x)) if track and bisection_steps > 0 else None
         first_checked: list[torch.Tensor] = []  # ``found`` right after the very first iterate
 
+        hand_over = hands_over(self.loss_fn, criterion)  # decided once, not on every iterate
+
         def evaluate(adv: torch.Tensor, grad: bool, loss: bool = True) -> tuple[Any, Any]:
             """Forward pass of one iterate: its loss (and input gradient) when asked, the criterion when tracking."""
             adv = adv.detach().requires_grad_(grad)
@@ -280,7 +299,9 @@ class PGD:
             with torch.set_grad_enabled(grad):
                 pred = to_float32(forward(adv))
                 if loss or grad:
-                    value, correct = loss_and_correct(self.loss_fn, pred, targets, batch, criterion)
+                    value, correct = loss_and_correct(
+                        self.loss_fn, pred, targets, batch, criterion, hand_over=hand_over
+                    )
             if track:
                 if correct is None:
                     correct = criterion(map_tensors(pred, torch.Tensor.detach), targets)
