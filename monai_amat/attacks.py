@@ -31,6 +31,8 @@ __all__ = [
     "hands_over",
     "map_tensors",
     "to_float32",
+    "voxel_eps_scale",
+    "PerVoxelEpsScale",
 ]
 
 NORMS = ("l2", "linf")
@@ -140,6 +142,59 @@ def to_float32(pred: Any) -> Any:
         The same structure with float32 floating tensors.
     """
     return map_tensors(pred, lambda t: t.float() if t.is_floating_point() else t)
+
+
+def voxel_eps_scale(size: Sequence[int], reference_size: Sequence[int]) -> float:
+    """The factor that gives an input of ``size`` the per-voxel noise an eps gives an input of ``reference_size``.
+
+    An L2 budget ``eps`` spread over ``n`` voxels gives each about ``eps / sqrt(n)``; the factor is
+    ``sqrt(prod(size) / prod(reference_size))``, so ``eps * factor`` on the input has the per-voxel noise of ``eps``
+    on the reference (e.g. the paper's 2D slice size, for a 3D patch or volume; channels alike on both sides).
+
+    Args:
+        size: the input's spatial size (2D or 3D).
+        reference_size: the size the eps values are given for.
+
+    Returns:
+        The factor.
+
+    Raises:
+        ValueError: when a size holds a value < 1.
+    """
+    sizes = {"size": list(size), "reference_size": list(reference_size)}
+    for name, values in sizes.items():
+        if not values or min(values) < 1:
+            raise ValueError(f"voxel_eps_scale: {name} must be sizes >= 1, got {values}.")
+    return math.sqrt(math.prod(sizes["size"]) / math.prod(sizes["reference_size"]))
+
+
+class PerVoxelEpsScale:
+    """An evaluator ``eps_scale`` that depends on the input: :py:func:`voxel_eps_scale` of its spatial size.
+
+    For inputs whose size varies (whole volumes of different depths), so that every input gets the per-voxel noise
+    an eps gives an input of ``reference_size``; ``str()`` is the rule, which reports record.
+
+    Args:
+        reference_size: the size the eps values are given for (e.g. the paper's slice size).
+    """
+
+    def __init__(self, reference_size: Sequence[int]) -> None:
+        self.reference_size = [int(s) for s in reference_size]
+        voxel_eps_scale(self.reference_size, self.reference_size)  # checks the sizes
+
+    def __call__(self, inputs: torch.Tensor) -> float:
+        """The factor for a batch ``(B, C, *spatial)``, whose samples share one size.
+
+        Args:
+            inputs: the batch.
+
+        Returns:
+            ``voxel_eps_scale(inputs.shape[2:], reference_size)``.
+        """
+        return voxel_eps_scale(inputs.shape[2:], self.reference_size)
+
+    def __str__(self) -> str:
+        return f"sqrt(voxels per channel / {math.prod(self.reference_size)}) per input"
 
 
 @dataclass

@@ -199,6 +199,7 @@ TASK_KEYS = {
     | {"sat_eps_list", "default_tau"},
     "train_sat.json": {"sat_eps"},
     "evaluate.json": {"eps_list"},
+    "volumetric.json": {"patch_size", "strides"},
     "inference.json": {"bundle_name", "dataset_dir", "spatial_size", "filters", "in_channels", "out_channels"},
     "metadata.json": {"name", "task", "description", "data_source", "network_data_format"}
     | {"image_classes", "label_classes", "pred_classes"},

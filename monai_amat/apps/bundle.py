@@ -15,6 +15,7 @@ import torch
 from monai.transforms import LoadImage
 
 from monai_amat.apps import REPOSITORY_BUNDLES
+from monai_amat.attacks import voxel_eps_scale
 from monai_amat.criteria import load_thresholds
 from monai_amat.engines.evaluator import check_eps_list
 from monai_amat.utils import root_cause
@@ -167,25 +168,24 @@ def default_eps_scale(embedded: bool, spatial_size: Sequence[int], paper_spatial
     Returns:
         The factor.
     """
-    if not embedded:
-        return 1.0
-    return math.sqrt(math.prod(spatial_size) / math.prod(paper_spatial_size))
+    return voxel_eps_scale(spatial_size, paper_spatial_size) if embedded else 1.0
 
 
 def check_config(values: Mapping[str, Any]) -> bool:
     """Check a bundle's settings before anything runs; errors name the config key.
 
-    Known keys (others are ignored): ``epochs`` (integer >= 1), ``delta`` (> 0), ``max_margin`` (>= delta),
-    ``beta`` (in [0, 1]), ``sat_eps`` (>= 0), ``sat_eps_list`` and ``eps_list`` (ascending, >= 0),
-    ``train_attack_steps`` / ``attack_steps`` (integer >= 1), ``train_alpha`` / ``eval_alpha`` (> 0),
-    ``norm`` (``"l2"`` or ``"linf"``), ``batch_size`` (integer >= 1), ``learning_rate`` (> 0),
-    ``data_source`` (``"embedded"`` or ``"real"``; ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0; logged,
-    since it multiplies every eps-like key), ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z``
-    (finite), ``seed`` / ``data_seed`` (integer >= 0), ``embedded_cases`` (integer >= 1), ``default_tau`` (in
-    [0, 1]), ``spatial_size`` (integers >= 1, multiples of ``spatial_multiple`` when given: what the network's
-    strides need), :py:data:`BOOL_KEYS` (booleans, also as text: :py:func:`as_bool`), ``amp_dtype`` (``"float16"`` or
-    ``"bfloat16"``: the autocast type with ``amp``), ``eval_attacks`` (distinct names from
-    :py:data:`EVAL_ATTACKS`; whether the bundle defines each is checked by :py:func:`select_attacks`).
+    Known keys (others are ignored): ``epochs`` (integer >= 1), ``delta`` (> 0), ``max_margin`` (>= delta), ``beta``
+    (in [0, 1]), ``sat_eps`` (>= 0), ``sat_eps_list`` and ``eps_list`` (ascending, >= 0), ``train_attack_steps`` /
+    ``attack_steps`` (integer >= 1), ``train_alpha`` / ``eval_alpha`` (> 0), ``norm`` (``"l2"`` or ``"linf"``),
+    ``batch_size`` (integer >= 1), ``learning_rate`` (> 0), ``data_source`` (``"embedded"`` or ``"real"``;
+    ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0; logged, since it multiplies every eps-like key),
+    ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z`` (finite), ``seed`` / ``data_seed`` (integer
+    >= 0), ``embedded_cases`` (integer >= 1), ``default_tau`` (in [0, 1]), ``spatial_size`` (integers >= 1,
+    multiples of ``spatial_multiple`` when given: what the network's strides need), ``patch_size`` (integers >= 1,
+    per axis a multiple of the product of ``strides``, the network's per-level strides, each a number or one per
+    axis), :py:data:`BOOL_KEYS` (booleans, also as text: :py:func:`as_bool`), ``amp_dtype`` (``"float16"`` or
+    ``"bfloat16"``: the autocast type with ``amp``), ``eval_attacks`` (distinct names from :py:data:`EVAL_ATTACKS`;
+    whether the bundle defines each is checked by :py:func:`select_attacks`).
 
     Args:
         values: ``{config key: value}``.
@@ -226,6 +226,17 @@ def check_config(values: Mapping[str, Any]) -> bool:
         if any(v % multiple for v in size):
             nearest = [max(multiple, v // multiple * multiple) for v in size]
             raise bad("spatial_size", f"the network's strides need multiples of {multiple}, e.g. {nearest}")
+    if "patch_size" in values:
+        size = values["patch_size"]
+        if isinstance(size, str) or not isinstance(size, Sequence) or not size:
+            raise bad("patch_size", "must be a list of integers >= 1, e.g. [64, 64, 32]")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+            raise bad("patch_size", "must be a list of integers >= 1, e.g. [64, 64, 32]")
+        levels = [s if isinstance(s, Sequence) else [s] * len(size) for s in values.get("strides", [])]
+        multiples = [math.prod(level[d] for level in levels) for d in range(len(size))]
+        if any(v % m for v, m in zip(size, multiples)):
+            nearest = [max(m, v // m * m) for v, m in zip(size, multiples)]
+            raise bad("patch_size", f"the network's strides need multiples of {multiples}, e.g. {nearest}")
     for key in ("delta", "train_alpha", "eval_alpha", "learning_rate", "eps_scale"):
         if key in values and not (number(key) > 0 and math.isfinite(values[key])):
             raise bad(key, "must be finite and > 0")

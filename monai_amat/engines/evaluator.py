@@ -69,7 +69,9 @@ class RobustEvaluator(SupervisedEvaluator):
             ``{name: attack}`` of several (all with the same norm); a single attack is named after its class.
         eps_list: ascending noise levels, each ``>= 0``, in the units the report shows (e.g. the paper's).
         eps_scale: the attack's budget is ``eps * eps_scale`` (``> 0``), e.g. to keep the per-pixel noise of the
-            paper's eps on smaller inputs; ``engine.state.robustness`` records it.
+            paper's eps on smaller inputs; or a callable ``eps_scale(inputs) -> float`` for inputs whose size varies
+            (:py:class:`monai_amat.attacks.PerVoxelEpsScale`, whole volumes). ``engine.state.robustness`` records
+            the number, or the callable's ``str()``.
         prepare_batch: as in ``SupervisedEvaluator``; the attack perturbs its first item.
         attack_network: the network whose output the attacks' losses take, called directly on the inputs (e.g. a
             detector's ``network``, whose head outputs give its training loss, while the evaluator's ``network`` is
@@ -95,7 +97,7 @@ class RobustEvaluator(SupervisedEvaluator):
         network: torch.nn.Module,
         attack: PGD | Mapping[str, PGD],
         eps_list: Sequence[float],
-        eps_scale: float = 1.0,
+        eps_scale: float | Callable[[torch.Tensor], float] = 1.0,
         prepare_batch: Callable = default_prepare_batch,
         attack_network: torch.nn.Module | None = None,
         score_fn: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -119,9 +121,7 @@ class RobustEvaluator(SupervisedEvaluator):
             raise ValueError(f"RobustEvaluator attacks must share one norm, got {norms}.")
         self.attack = next(iter(self.attacks.values()))
         self.eps_list = check_eps_list(eps_list)
-        if not (eps_scale > 0 and math.isfinite(eps_scale)):
-            raise ValueError(f"eps_scale must be finite and > 0, got {eps_scale!r}.")
-        self.eps_scale = float(eps_scale)
+        self.eps_scale = eps_scale if callable(eps_scale) else _check_scale(eps_scale)
         self.clean_prepare_batch = prepare_batch
         self.attack_network = attack_network
         self.score_fn = self.attack.loss_fn if score_fn is None else score_fn
@@ -155,6 +155,20 @@ class RobustEvaluator(SupervisedEvaluator):
                 return self.inferer(x, network, *args, **kw)
 
         return network, forward
+
+    def scale_for(self, inputs: torch.Tensor) -> float:
+        """The factor from evaluator eps to the attack's budget on a batch: ``eps_scale``, or its value there.
+
+        Args:
+            inputs: the batch's clean inputs.
+
+        Returns:
+            The factor.
+
+        Raises:
+            ValueError: when a callable ``eps_scale`` gives a value that is not finite and > 0.
+        """
+        return _check_scale(self.eps_scale(inputs)) if callable(self.eps_scale) else self.eps_scale
 
     def score(self, batch: Sequence[Any], inputs: torch.Tensor) -> torch.Tensor:
         """Per-sample ``score_fn`` of ``inputs`` (higher = worse for the model).
@@ -191,7 +205,7 @@ class RobustEvaluator(SupervisedEvaluator):
             return (self.worst_case(index, batch[0])[1].to(batch[0].device), *batch[1:])
         network, forward = self.attack_forward(batch)
         attack = self.attacks[self._pass] if isinstance(self._pass, str) else self._pass
-        adv = attack(network, batch[0], batch[1], self.state.eps * self.eps_scale, forward_fn=forward)
+        adv = attack(network, batch[0], batch[1], self.state.eps * self.scale_for(batch[0]), forward_fn=forward)
         if self.keep_worst and isinstance(self._pass, str):  # the probes' own passes do not enter the worst case
             self._keep_worst(index, batch, adv)
         return (adv, *batch[1:])
@@ -279,7 +293,7 @@ class RobustEvaluator(SupervisedEvaluator):
                     results.setdefault(metric, []).append(value)
             self.state.robustness = {
                 "eps": list(self.eps_list),
-                "eps_scale": self.eps_scale,
+                "eps_scale": str(self.eps_scale) if callable(self.eps_scale) else self.eps_scale,
                 "metrics": results,
                 "per_attack": per_attack,
                 "attacks": {name: a.describe() for name, a in self.attacks.items()},
@@ -290,6 +304,12 @@ class RobustEvaluator(SupervisedEvaluator):
             self.state.key_metric_name = key_metric_name
         self.state.eps, self.state.attack_name, self.state.reported = 0.0, "", True
         self.fire_event(AttackEvents.ROBUSTNESS_COMPLETED)
+
+
+def _check_scale(value: float) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"eps_scale must be finite and > 0, got {value!r}.")
+    return float(value)
 
 
 def _checksum(x: torch.Tensor) -> float:

@@ -297,12 +297,13 @@ class GradientMaskingChecks:
         )
 
     def _noise_scores(self, evaluator: RobustEvaluator, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample scores of the worst case and of random noise of norm ``eps`` (attack units)."""
+        """Per-sample scores of the worst case and of random noise of norm ``eps`` (evaluator units)."""
         worst, noisy = [], []
         for index, _, batch in evaluator.prepared_batches():
             scores, _ = evaluator.worst_case(index, batch[0])
             worst.append(scores)
-            noisy.append(evaluator.score(batch, evaluator.attack.random_noise(batch[0], eps)).cpu())
+            noise = evaluator.attack.random_noise(batch[0], eps * evaluator.scale_for(batch[0]))
+            noisy.append(evaluator.score(batch, noise).cpu())
         return _gather(torch.cat(worst)), _gather(torch.cat(noisy))
 
     def run(self, evaluator: RobustEvaluator) -> dict[str, Any]:
@@ -322,7 +323,7 @@ class GradientMaskingChecks:
             checks.append(check_worst_case(eps, metrics, rob["per_attack"], self.lower_is_better, self.tolerance))
         top = max(eps)
         if top > 0:
-            worst, noisy = self._noise_scores(evaluator, top * evaluator.eps_scale)
+            worst, noisy = self._noise_scores(evaluator, top)
             checks.append(
                 check_beaten("random_noise", worst, noisy, f"random noise of norm eps {top:g}", self.fraction)
             )
@@ -452,7 +453,7 @@ class BreakingEps:
             x: clean inputs.
             y: targets.
             max_eps: the largest eps searched (evaluator units).
-            scale: the evaluator's ``eps_scale``.
+            scale: the evaluator's factor from eps to budget on this batch (:py:meth:`RobustEvaluator.scale_for`).
 
         Returns:
             ``(breaking eps (B,), clean_wrong (B,), unbroken (B,))``; unbroken samples get ``max_eps``.
@@ -491,7 +492,7 @@ class BreakingEps:
         for _, raw, batch in evaluator.prepared_batches():
             network, forward = evaluator.attack_forward(batch)
             value, clean_wrong, unbroken = self.search(
-                attack, network, forward, batch[0], batch[1], max_eps, evaluator.eps_scale
+                attack, network, forward, batch[0], batch[1], max_eps, evaluator.scale_for(batch[0])
             )
             names = sample_names(raw, self.name_keys, len(value))
             for i in range(len(value)):

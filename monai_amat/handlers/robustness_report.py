@@ -17,7 +17,7 @@ from monai_amat.utils import atomic_write, is_rank0, write_json
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["RobustnessReport", "area_under_curve", "plot_robustness"]
+__all__ = ["RobustnessReport", "area_under_curve", "plot_robustness", "eps_scale_note"]
 
 # what the evaluator's probes add to ``engine.state.robustness`` and the report copies as it is
 EXTRA_KEYS = ("checks", "breaking_eps")
@@ -188,7 +188,7 @@ class RobustnessReport:
             result["eps"],
             curves,
             title=self.task if len(per_attack) <= 1 else f"{self.task}: {self.model_name}",
-            eps_label="eps" if scale == 1.0 else f"eps (paper units; x{scale:.3g} applied)",
+            eps_label=f"eps{eps_scale_note(scale)}",
         )
 
     def _write_sample_eps(self, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], scale: float) -> None:
@@ -208,8 +208,7 @@ class RobustnessReport:
         values = [r["breaking_eps"] for r in rows]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.hist(values, bins=min(max(len(values) // 2, 5), 30), range=(0, summary["max_eps"]))
-        unit = "" if scale == 1.0 else f" (paper units; x{scale:.3g} applied)"
-        ax.set_xlabel(f"breaking eps{unit}")
+        ax.set_xlabel(f"breaking eps{eps_scale_note(scale)}")
         ax.set_ylabel("samples")
         median = "> max" if summary["median"] is None else f"{summary['median']:.3g}"
         ax.set_title(
@@ -221,3 +220,17 @@ class RobustnessReport:
         with atomic_write(self.output_dir / Path(summary["file"]).with_suffix(".png").name, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
+
+
+def eps_scale_note(scale: float | str) -> str:
+    """How a report's eps become attack budgets, for axis labels: nothing for 1, the factor, or a per-input rule.
+
+    Args:
+        scale: a report's ``eps_scale`` (a number, or the rule of :py:class:`monai_amat.attacks.PerVoxelEpsScale`).
+
+    Returns:
+        Text to append to "eps".
+    """
+    if isinstance(scale, str):
+        return f" (paper units; budget x {scale})"
+    return "" if scale == 1.0 else f" (paper units; x{scale:.3g} applied)"

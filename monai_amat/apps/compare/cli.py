@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m monai_amat.apps.compare",
         usage="%(prog)s --bundle BUNDLE --output_dir DIR [--epochs N] [--attack_steps K] [--data_source SOURCE] "
-        '[--dataset_dir DATASET_DIR] [--sat_eps "[...]"] [--seeds "[...]"] [--in_process] [--KEY VALUE ...]',
+        '[--dataset_dir DATASET_DIR] [--sat_eps "[...]"] [--seeds "[...]"] [--overlay NAME] [--in_process] '
+        "[--KEY VALUE ...]",
         description="STD training, calibration of the criterion from that model, AMAT training, SAT training at each "
         "SAT level, then robust evaluation of every model at the bundle's eps_list; writes comparison.json, "
         "comparison.md and comparison.png in DIR and keeps each run folder there (std/, amat/, sat_<eps>/; with "
@@ -74,11 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
         "shows means and sample sds over the seeds (default: one run with the bundle's seed)",
     )
     parser.add_argument(
+        "--overlay",
+        type=_overlays,
+        default=(),
+        metavar="NAME[,NAME]",
+        help="bundle configs merged last into every stage, e.g. volumetric (configs/volumetric.json: the MSD "
+        "bundles in 3D)",
+    )
+    parser.add_argument(
         "--in_process",
         action="store_true",
         help="run the stages in this process (faster start) instead of one `python -m monai.bundle run` each",
     )
     return parser
+
+
+def _overlays(text: str) -> tuple[str, ...]:
+    """``--overlay``: comma-separated config names without ``.json``."""
+    names = tuple(n.strip().removesuffix(".json") for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected config names such as volumetric, got {text!r}")
+    return names
 
 
 def _parse_overrides(tokens: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -129,7 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides.update(passthrough)  # a repeated option was refused above
     try:
         comparison = Comparison(
-            args.bundle, args.output_dir, overrides, args.sat_eps, in_process=args.in_process, seeds=args.seeds
+            args.bundle,
+            args.output_dir,
+            overrides,
+            args.sat_eps,
+            in_process=args.in_process,
+            seeds=args.seeds,
+            overlays=args.overlay,
         )
     except CompareError as e:
         parser.error(str(e))

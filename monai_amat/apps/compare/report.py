@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_amat.apps.compare.common import eps_label, jsonable, read_record
+from monai_amat.handlers.robustness_report import eps_scale_note
 from monai_amat.utils import atomic_write, read_json, write_json
 
 LOWER_IS_BETTER = ("mre", "error", "loss", "distance", "hausdorff")
@@ -415,7 +416,7 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
             f"evaluation attack: {attack.get('name', 'PGD')} {str(attack.get('norm', '')).upper()}, "
             f"{attack.get('steps')} steps, alpha {attack.get('alpha')}"
         )
-    scaled = f" (paper units; x{_show(comparison['eps_scale'])} applied)" if "eps_scale" in comparison else ""
+    scaled = eps_scale_note(comparison["eps_scale"]) if "eps_scale" in comparison else ""
     described.append(f"eps {', '.join(eps_label(e) for e in eps)}{scaled}")
     lines.append("; ".join(described) + ".")
     if spread:

@@ -95,12 +95,15 @@ def _bundle_dir(path: str | os.PathLike) -> Path:
     raise CompareError(f"{path}: no such bundle folder (expected a folder holding configs/train.json).", "--bundle")
 
 
-def bundle_defaults(bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def bundle_defaults(
+    bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None, overlays: Sequence[str] = ()
+) -> dict[str, Any]:
     """The bundle's comparison settings, resolved from ``train.json`` + ``evaluate.json`` with ``overrides`` applied.
 
     Args:
         bundle_dir: the bundle folder.
         overrides: config overrides, as given to every run.
+        overlays: names of configs merged after the others (e.g. ``["volumetric"]``).
 
     Returns:
         ``{"eps_list", "sat_eps_list", "epochs", "attack_steps", "train_attack_steps", "data_source",
@@ -111,7 +114,7 @@ def bundle_defaults(bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] 
 
     bundle_dir = Path(bundle_dir)
     parser = ConfigParser()
-    parser.read_config([str(bundle_dir / "configs" / f"{n}.json") for n in ("train", "evaluate")])
+    parser.read_config([str(bundle_dir / "configs" / f"{n}.json") for n in ("train", "evaluate", *overlays)])
     parser.update({"bundle_root": str(bundle_dir), **dict(overrides or {})})
     keys = (
         "eps_list",
@@ -127,12 +130,12 @@ def bundle_defaults(bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] 
     return {k: parser.get_parsed_content(k) if k in parser else None for k in keys}
 
 
-def _known_keys(bundle_dir: Path) -> Any:
+def _known_keys(bundle_dir: Path, overlays: Sequence[str] = ()) -> Any:
     """A parser of all the bundle's configs merged, to tell config keys from typos."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(bundle_dir / "configs" / f"{n}.json") for n in CONFIGS])
+    parser.read_config([str(bundle_dir / "configs" / f"{n}.json") for n in (*CONFIGS, *overlays)])
     return parser
 
 
@@ -216,9 +219,11 @@ class Comparison:
             ``python -m monai.bundle run`` process each (faster to start, no isolation).
         seeds: run the whole protocol once per seed (the bundle key ``seed`` as an override), into run folders
             suffixed ``_s<seed>``; None runs it once with the bundle's ``seed``, into unsuffixed folders.
+        overlays: names of bundle configs merged last into every stage (e.g. ``["volumetric"]`` for the MSD
+            bundles' 3D variant); recorded in every stage's settings.
 
     Raises:
-        CompareError: for an unknown bundle, a key that is neither a config key of the bundle nor a
+        CompareError: for an unknown bundle or overlay, a key that is neither a config key of the bundle nor a
             ``monai.bundle run`` argument, a key the runner sets itself, a bad resolved setting (e.g. an
             ``eps_list`` that is not ascending), bad ``seeds`` or ``seeds`` together with a ``seed`` override, or a
             training already run in ``output_dir`` with other settings.
@@ -232,8 +237,13 @@ class Comparison:
         sat_eps: Sequence[float] | None = None,
         in_process: bool = False,
         seeds: Sequence[int] | None = None,
+        overlays: Sequence[str] = (),
     ) -> None:
         self.bundle_dir = _bundle_dir(bundle)
+        self.overlays = tuple(overlays)
+        for name in self.overlays:
+            if not (self.bundle_dir / "configs" / f"{name}.json").is_file():
+                raise CompareError(f"bundle {self.bundle_dir.name} has no configs/{name}.json.", "--overlay")
         self.bundle = self.bundle_dir.name
         self.output_dir = Path(output_dir).resolve()
         self.overrides = jsonable(dict(overrides or {}))
@@ -248,7 +258,7 @@ class Comparison:
             except argparse.ArgumentTypeError as e:
                 raise CompareError(str(e), "--seeds") from e
         try:
-            defaults = bundle_defaults(self.bundle_dir, self.overrides)
+            defaults = bundle_defaults(self.bundle_dir, self.overrides, self.overlays)
         except Exception as e:  # the config parser wraps anything an expression raises
             raise CompareError(f"cannot read the settings of bundle {self.bundle} with these overrides: {e}") from e
         self.seeds = list(seeds) if seeds is not None else [defaults["seed"]]
@@ -306,7 +316,7 @@ class Comparison:
         ]
 
     def _check_keys(self) -> None:
-        parser = _known_keys(self.bundle_dir)
+        parser = _known_keys(self.bundle_dir, self.overlays)
         run_args = _run_arguments()
         for key in self.overrides:
             if key in RESERVED:
@@ -321,6 +331,8 @@ class Comparison:
     def _plan(self) -> list[_Stage]:
         """The stages, seed after seed: STD training, calibration, the other trainings, every evaluation."""
         train_settings = {k: v for k, v in self.overrides.items() if k not in EVAL_ONLY_KEYS}
+        if self.overlays:  # a run with other configs is another run
+            train_settings["overlays"] = list(self.overlays)
         stages: list[_Stage] = []
         for seed in self.seeds:
             suffix, extra = self._suffix(seed), self._seed_overrides(seed)
@@ -374,7 +386,7 @@ class Comparison:
                         "output_dir": str(m.run_dir),
                         "ckpt_path": str(m.run_dir / "model.pt"),
                     },
-                    settings=jsonable({**self.eval_settings, **self.overrides, **m.overrides}),
+                    settings=jsonable({**self.eval_settings, **train_settings, **self.overrides, **m.overrides}),
                     output=m.run_dir / "robustness.json",
                     model=m,
                 )
@@ -468,7 +480,8 @@ class Comparison:
             ckpt = stage.folder / "checkpoint.pt"
             partial = max(0.0, ckpt.stat().st_mtime - record.get("started", 0))  # up to its last epoch end
             before = float(record.get("seconds_before", 0.0)) + partial
-        args = {"config_file": [str(self.bundle_dir / "configs" / f"{c}.json") for c in stage.configs], **stage.args}
+        names = (*stage.configs, *self.overlays)
+        args = {"config_file": [str(self.bundle_dir / "configs" / f"{c}.json") for c in names], **stage.args}
         if stage.kind == "train":  # a stage that runs afresh replaces its own unfinished attempt
             args["resume"], args["overwrite"], args["export_model"] = resume, not resume, False
         stage.folder.mkdir(parents=True, exist_ok=True)
