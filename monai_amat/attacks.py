@@ -153,19 +153,12 @@ def voxel_eps_scale(size: Sequence[int], reference_size: Sequence[int]) -> float
 
     Args:
         size: the input's spatial size (2D or 3D).
-        reference_size: the size the eps values are given for.
+        reference_size: the size the eps values are given for (sizes >= 1).
 
     Returns:
-        The factor.
-
-    Raises:
-        ValueError: when a size holds a value < 1.
+        The factor; 0 for a size holding 0, which the bundles' ``check_config`` refuses under its config key.
     """
-    sizes = {"size": list(size), "reference_size": list(reference_size)}
-    for name, values in sizes.items():
-        if not values or min(values) < 1:
-            raise ValueError(f"voxel_eps_scale: {name} must be sizes >= 1, got {values}.")
-    return math.sqrt(math.prod(sizes["size"]) / math.prod(sizes["reference_size"]))
+    return math.sqrt(math.prod(size) / math.prod(reference_size))
 
 
 class PerVoxelEpsScale:
@@ -176,11 +169,15 @@ class PerVoxelEpsScale:
 
     Args:
         reference_size: the size the eps values are given for (e.g. the paper's slice size).
+
+    Raises:
+        ValueError: when ``reference_size`` is empty or holds a value < 1.
     """
 
     def __init__(self, reference_size: Sequence[int]) -> None:
         self.reference_size = [int(s) for s in reference_size]
-        voxel_eps_scale(self.reference_size, self.reference_size)  # checks the sizes
+        if not self.reference_size or min(self.reference_size) < 1:
+            raise ValueError(f"PerVoxelEpsScale: reference_size must be sizes >= 1, got {self.reference_size}.")
 
     def __call__(self, inputs: torch.Tensor) -> float:
         """The factor for a batch ``(B, C, *spatial)``, whose samples share one size.
