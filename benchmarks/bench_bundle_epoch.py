@@ -6,8 +6,9 @@ a real run); the script prints the median epoch time of each and their ratio. Pe
 over the timed epochs; on the CPU the peak RSS growth of a first epoch (data already loaded), in a fresh process
 per trainer.
 
-Usage: python benchmarks/bench_bundle_epoch.py [--bundle msd_hippocampus_seg_amat] [--rounds 6] [--KEY VALUE ...]
-(any other --KEY VALUE is a config override, e.g. --train_attack_steps 20 --data_source real --dataset_dir DIR).
+Usage: python benchmarks/bench_bundle_epoch.py [--bundle msd_hippocampus_seg_amat] [--rounds 6] [--overlay volumetric]
+[--KEY VALUE ...] (``--overlay``: a bundle config merged last into both, e.g. the MSD bundles' 3D ``volumetric``; any
+other --KEY VALUE is a config override, e.g. --train_attack_steps 20 --data_source real --dataset_dir DIR).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle", default="msd_hippocampus_seg_amat")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--overlay", action="append", default=[])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     overrides = {}
@@ -52,7 +54,7 @@ def main():
             overrides[key.lstrip("-")] = value
     tmp = Path(tempfile.mkdtemp())
     common = {"epochs": args.rounds + 1, "thresholds_file": str(tmp / "none.json"), **overrides}
-    configs = {"AMAT": ["train"], "SAT": ["train", "train_sat"]}
+    configs = {"AMAT": ["train", *args.overlay], "SAT": ["train", "train_sat", *args.overlay]}
     if args.child:
         t = trainer(args.bundle, configs[args.child], {**common, "output_dir": str(tmp / "child")})
         t.state.max_epochs = 1
@@ -81,6 +83,7 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "bundle": args.bundle,
+        "overlays": args.overlay,
         "overrides": overrides,
         "device": str(trainers["AMAT"].state.device),
         "epoch_s": med,

@@ -7,7 +7,8 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 --platform any -d .whl "$p"; done
 # Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590). Everything lands in $OUT:
-# device.txt, tests.log (with tracebacks), core_fp32.json, core_amp.json, heart_{fp32,fp16,bf16}.json, main_job.log.
+# device.txt, tests.log (with tracebacks), core_fp32.json, core_amp.json, heart_{fp32,fp16,bf16}.json, heart3d_amp.json,
+# main_job.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -34,6 +35,11 @@ timeout 100 python3 benchmarks/bench_bundle_epoch.py "${heart[@]}" --amp True > 
 timeout 100 python3 benchmarks/bench_bundle_epoch.py "${heart[@]}" --amp True --amp_dtype bfloat16 \
   > "$OUT/heart_bf16.json" 2>&1
 
+# 3b. issue 17: the 3D Heart at its real-data network and patch size (embedded volumes padded to the patch), AMP
+heart3d=(--bundle msd_heart_seg_amat --overlay volumetric --rounds 2 --spatial_size "[320,256]"
+  --patch_size "[160,128,80]" --filters "[32,64,128,256,320,320]"
+  --strides "[[1,1,1],[2,2,2],[2,2,2],[2,2,2],[2,2,2],[2,2,1]]" --batch_size 2 --embedded_cases 8 --amp True)
+timeout 90 python3 benchmarks/bench_bundle_epoch.py "${heart3d[@]}" > "$OUT/heart3d_amp.json" 2>&1
 # 4. the README's main job (target 4: <= 60 s)
 start=$(date +%s)
 timeout 120 python3 -m monai.bundle run --config_file bundles/msd_hippocampus_seg_amat/configs/train.json \
