@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from monai_amat.data.segmentation import msd_volumes
 from tests.helpers import ROOT, configs, tiny
 
 BUNDLE = "msd_hippocampus_seg_amat"
@@ -69,6 +70,28 @@ def test_two_gloo_ranks_share_one_margin_table(tmp_path):
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     net.load_state_dict(ckpt["network"])
+
+
+@pytest.mark.slow  # starts processes
+def test_two_gloo_ranks_train_the_3d_variant_with_one_validation_volume(tmp_path):
+    """multi_gpu_train.json before volumetric.json: one margin per case on both ranks; a validation set of one
+    volume, fewer than the ranks, is padded by the validation sampler instead of refused."""
+    out = tmp_path / "amat"
+    override = {
+        **tiny(tmp_path, epochs=2, embedded_cases=8, patch_size=[16, 16, 8], filters=[8, 16, 32]),
+        "output_dir": str(out),
+    }
+    spec = {"config_file": configs(BUNDLE, "train", "multi_gpu_train", "volumetric"), "override": override}
+    spec["nan_at"] = [-1, -1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ranks.pt"), json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    data = msd_volumes("embedded", "Task04_Hippocampus", [16, 16], embedded_dir=tmp_path / "data", embedded_cases=8)
+    assert len(data["val"]) == 1 and "val_dice" in proc.stdout + proc.stderr
+    m0, m1 = torch.load(tmp_path / "ranks.pt", weights_only=True)["tables"]
+    assert m0.shape == (len(data["train"]),) and torch.equal(m0, m1)
 
 
 def test_multi_gpu_configs_override_only_what_train_json_defines():
