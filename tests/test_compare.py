@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from monai_amat.apps.compare import claims_verdict, load_model_result, main, write_comparison
+from monai_amat.attacks import PerVoxelEpsScale
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "msd_hippocampus_seg_amat"
@@ -318,6 +319,14 @@ def test_tables_and_plot_from_robustness_files(tmp_path):
         write_comparison(tmp_path, "toy_bundle", [0, 1], results)
     with pytest.raises(ValueError, match="different eps_scale values"):
         write_comparison(tmp_path, "toy_bundle", eps, [*results, {**results[1], "name": "X", "eps_scale": 0.5}])
+
+    rule = str(PerVoxelEpsScale([4, 4]))  # the 3D evaluations' per-volume factor is recorded as its rule
+    per_volume = [{**r, "eps_scale": rule} for r in results]
+    comparison = write_comparison(tmp_path, "toy_bundle", eps, per_volume)
+    assert comparison["eps_scale"] == rule
+    assert f"eps 0, 1, 2 (paper units; budget x {rule})." in (tmp_path / "comparison.md").read_text()
+    with pytest.raises(ValueError, match="different eps_scale values"):
+        write_comparison(tmp_path, "toy_bundle", eps, [*per_volume, {**results[1], "name": "X"}])
 
 
 @pytest.mark.parametrize(

@@ -76,10 +76,16 @@ def _mean_sd(values: Sequence[Any]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in numbers) / (len(numbers) - 1))
 
 
+def _same_scale(a: float | str, b: float | str) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return math.isclose(float(a), float(b))
+
+
 def _common_eps_scale(entries: Sequence[Mapping[str, Any]], what: str) -> Any:
-    """The first ``eps_scale`` among ``entries`` (None when none has one); they must agree."""
+    """The first ``eps_scale`` among ``entries`` (None when none has one); they must agree (number or rule)."""
     scales = [e["eps_scale"] for e in entries if e.get("eps_scale") is not None]
-    if any(not math.isclose(float(s), float(scales[0])) for s in scales):
+    if any(not _same_scale(s, scales[0]) for s in scales):
         raise ValueError(f"{what} have different eps_scale values: {scales}.")
     return scales[0] if scales else None
 
@@ -517,7 +523,7 @@ def _plot_comparison(
         eps,
         {m["name"]: m["metrics"] for m in models},
         title=title,
-        eps_label="eps" if eps_scale is None else f"eps (paper units; x{_show(eps_scale)} applied)",
+        eps_label="eps" if eps_scale is None else f"eps{eps_scale_note(eps_scale)}",
         errors={m["name"]: m.get("metrics_sd") or {} for m in models},
         tradeoff=None if main is None else {s.name: (s.clean, s.clean_sd, s.auc, s.auc_sd) for s in scores},
         tradeoff_metric=main or "",
