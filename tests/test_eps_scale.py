@@ -6,6 +6,7 @@ import pytest
 from monai.bundle import ConfigParser
 
 from monai_amat.apps.bundle import check_config, default_eps_scale
+from monai_amat.attacks import PerVoxelEpsScale
 from tests.helpers import SEG_BUNDLES, configs, detection_tiny, landmark_tiny, tiny
 
 TINY = {
@@ -32,6 +33,10 @@ def test_default_eps_scale_and_its_check(caplog):
     for bad in (0.0, -1.0, math.inf, "1"):
         with pytest.raises(ValueError, match="'eps_scale'"):
             check_config({"eps_scale": bad})
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the 3D evaluation's per-volume rule is logged as the rule
+        assert check_config({"eps_scale": PerVoxelEpsScale([64, 64])})
+    assert "eps_scale = sqrt(voxels per channel / 4096) per input" in caplog.text
 
 
 @pytest.mark.parametrize("bundle", list(TINY))

@@ -60,6 +60,10 @@ def test_bundle_in_3d_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path
     assert sorted({int(r["index"]) for r in rows}) == list(range(n)) and len(rows) == 2 * n
     ckpt = torch.load(out["amat"] / "checkpoint.pt", weights_only=True)
     assert ckpt["margins"]["margins"].numel() == n
+    # the training budget is the patch's (not the 2D slice's), and a resume must keep the patch and strides
+    settings_3d = ckpt["meta"]["settings"]
+    assert math.isclose(settings_3d["eps_scale"], voxel_eps_scale([16, 16, 8], _paper_size(bundle)))
+    assert settings_3d["extra"] == {"patch_size": [16, 16, 8], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]]}
     exported = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert exported["input_block.conv1.conv.weight"].dim() == 5
 
@@ -115,8 +119,9 @@ def test_real_msd_folder_with_volumes_of_different_depths(tmp_path):
     """Training pads the 6-slice cases to the 8-slice patch; evaluation attacks each whole volume."""
     task_dir = _msd_folder_of_two_depths(tmp_path)
     bundle = "msd_hippocampus_seg_amat"
-    strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]  # the real-data default has 6 levels; the tiny network has 3
-    settings = {**tiny3d(tmp_path), "data_source": "real", "dataset_dir": str(task_dir), "strides": strides}
+    strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]  # the real-data default has 4 levels; the tiny network has 3
+    settings = {**tiny3d(tmp_path, default_tau=0.3), "data_source": "real", "dataset_dir": str(task_dir)}
+    settings["strides"] = strides
     settings.pop("embedded_dir")
     out = tmp_path / "amat"
     run(config_file=configs(bundle, "train", "volumetric"), output_dir=str(out), **settings)
@@ -132,14 +137,28 @@ def test_real_msd_folder_with_volumes_of_different_depths(tmp_path):
 
 
 def test_patch_size_must_suit_the_strides(tmp_path):
+    """Refused first, before an earlier run is replaced (--overwrite True) and before any data is made."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"an earlier run")
+    for config in ("train", "train_std", "train_sat", "calibrate", "evaluate"):
+        with pytest.raises(Exception) as info:
+            run(
+                config_file=configs("msd_heart_seg_amat", "train", config, "volumetric"),
+                output_dir=str(out),
+                overwrite=True,
+                **tiny3d(tmp_path, patch_size=[16, 16, 6]),
+            )
+        assert re.search(r"'patch_size' = \[16, 16, 6\] is invalid.*multiples of \[4, 4, 4\]", chain(info), re.S)
+    assert (out / "model.pt").read_bytes() == b"an earlier run" and not (tmp_path / "data").exists()
+
+
+def test_3d_training_without_a_calibration_names_the_missing_file(tmp_path):
+    """The 2D default tau (a slice Dice of the paper) is not used on 3D patches: a calibration is required."""
+    settings = tiny3d(tmp_path)
     with pytest.raises(Exception) as info:
-        run(
-            config_file=configs("msd_heart_seg_amat", "train", "volumetric"),
-            output_dir=str(tmp_path / "out"),
-            **tiny3d(tmp_path, patch_size=[16, 16, 6]),
-        )
-    assert re.search(r"'patch_size' = \[16, 16, 6\] is invalid.*multiples of \[4, 4, 4\]", chain(info), re.S)
-    assert not (tmp_path / "out" / "model.pt").exists()
+        run(config_file=configs("msd_heart_seg_amat", "train", "volumetric"), output_dir=str(tmp_path), **settings)
+    assert f"{settings['thresholds_file']} not found" in chain(info) and "default_tau is null" in chain(info)
 
 
 def _loss(net, x, y):
@@ -197,6 +216,10 @@ def test_per_voxel_eps_scale_gives_each_volume_its_own_budget():
     evaluator = RobustEvaluator("cpu", loader, net, attack, eps_list=[0, 2], eps_scale=lambda x: -1.0)
     with pytest.raises(ValueError, match="eps_scale must be finite and > 0, got -1.0"):
         evaluator.run()
+    attack.budgets = []  # NumPy and 0-d tensor factors are numbers too
+    RobustEvaluator("cpu", loader[:1], net, attack, eps_list=[0, 2], eps_scale=lambda x: torch.tensor(0.5)).run()
+    RobustEvaluator("cpu", loader[:1], net, attack, eps_list=[0, 2], eps_scale=np.float32(0.5)).run()
+    assert [budget for _, budget in attack.budgets] == [1.0, 1.0]
     with pytest.raises(ValueError, match=r"reference_size must be sizes >= 1, got \[0, 4\]"):
         PerVoxelEpsScale([0, 4])
 
@@ -220,6 +243,9 @@ def test_a_3d_run_stopped_after_an_epoch_and_resumed_ends_as_the_uninterrupted_r
     stopped.finalize()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]
     assert ckpt["iteration"] == ckpt["epoch_length"]  # one epoch
+    with pytest.raises(Exception) as info:
+        run(config_file=files, output_dir=str(out), resume=True, **{**settings, "patch_size": [16, 8, 16]})
+    assert re.search(r"training settings \(extra: .*'patch_size': \[16, 16, 8\].* -> .*\[16, 8, 16\]", chain(info))
     run(config_file=files, output_dir=str(out), resume=True, **settings)
 
     expected = (tmp_path / "ref" / "margins.csv").read_text()

@@ -178,9 +178,11 @@ def check_config(values: Mapping[str, Any]) -> bool:
     (in [0, 1]), ``sat_eps`` (>= 0), ``sat_eps_list`` and ``eps_list`` (ascending, >= 0), ``train_attack_steps`` /
     ``attack_steps`` (integer >= 1), ``train_alpha`` / ``eval_alpha`` (> 0), ``norm`` (``"l2"`` or ``"linf"``),
     ``batch_size`` (integer >= 1), ``learning_rate`` (> 0), ``data_source`` (``"embedded"`` or ``"real"``;
-    ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0; logged, since it multiplies every eps-like key),
+    ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0, or a callable giving each input's factor such as
+    :py:class:`monai_amat.attacks.PerVoxelEpsScale`; logged, since it multiplies every eps-like key),
     ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z`` (finite), ``seed`` / ``data_seed`` (integer
-    >= 0), ``embedded_cases`` (integer >= 1), ``default_tau`` (in [0, 1]), ``spatial_size`` (integers >= 1,
+    >= 0), ``embedded_cases`` (integer >= 1), ``default_tau`` (in [0, 1], or None: no default, a calibration is
+    required), ``spatial_size`` (integers >= 1,
     multiples of ``spatial_multiple`` when given: what the network's strides need), ``patch_size`` (integers >= 1,
     per axis a multiple of the product of ``strides``, the network's per-level strides, each a number or one per
     axis), :py:data:`BOOL_KEYS` (booleans, also as text: :py:func:`as_bool`), ``amp_dtype`` (``"float16"`` or
@@ -212,7 +214,7 @@ def check_config(values: Mapping[str, Any]) -> bool:
     for key in ("seed", "data_seed"):
         if key in values and (number(key) != int(values[key]) or values[key] < 0):
             raise bad(key, "must be an integer >= 0")
-    if "default_tau" in values and not 0 <= number("default_tau") <= 1:
+    if values.get("default_tau") is not None and not 0 <= number("default_tau") <= 1:
         raise bad("default_tau", "must be a Dice value in [0, 1]")
     if "spatial_size" in values:
         size, multiple = values["spatial_size"], int(values.get("spatial_multiple", 1))
@@ -238,6 +240,8 @@ def check_config(values: Mapping[str, Any]) -> bool:
             nearest = [max(m, v // m * m) for v, m in zip(size, multiples)]
             raise bad("patch_size", f"the network's strides need multiples of {multiples}, e.g. {nearest}")
     for key in ("delta", "train_alpha", "eval_alpha", "learning_rate", "eps_scale"):
+        if key == "eps_scale" and callable(values.get(key)):
+            continue
         if key in values and not (number(key) > 0 and math.isfinite(values[key])):
             raise bad(key, "must be finite and > 0")
     if "max_margin" in values and not number("max_margin") >= values.get("delta", 0):
@@ -270,9 +274,10 @@ def check_config(values: Mapping[str, Any]) -> bool:
     if "calibration_z" in values and not math.isfinite(number("calibration_z")):
         raise bad("calibration_z", "must be a finite number")
     if "eps_scale" in values:
+        scale = values["eps_scale"]
         logger.info(
-            f"eps_scale = {values['eps_scale']:.4g}: delta, max_margin, sat_eps and eps_list are in the paper's "
-            "units; the attacks use them times eps_scale."
+            f"eps_scale = {scale if callable(scale) else format(scale, '.4g')}: delta, max_margin, sat_eps and "
+            "eps_list are in the paper's units; the attacks use them times eps_scale."
         )
     if "data_source" in values:
         if values["data_source"] not in ("embedded", "real"):
@@ -282,20 +287,27 @@ def check_config(values: Mapping[str, Any]) -> bool:
     return True
 
 
-def load_tau(path: str | os.PathLike, default: float) -> float:
+def load_tau(path: str | os.PathLike, default: float | None) -> float:
     """The Dice threshold ``tau`` from ``thresholds.json``, or ``default`` (with a warning) when there is none.
 
     Args:
         path: the thresholds file written by ``calibrate.json``.
-        default: the value to use without a calibration (the paper's reference value).
+        default: the value to use without a calibration (the paper's reference value); None where the paper has
+            none (the 3D variant), so a calibration is required.
 
     Returns:
         ``tau``.
 
     Raises:
+        FileNotFoundError: when the file is missing and there is no default.
         ValueError: when the file exists but is not a Dice calibration.
     """
     if not Path(path).is_file():
+        if default is None:
+            raise FileNotFoundError(
+                f"{path} not found, and this configuration has no default Dice threshold (default_tau is null): "
+                "run calibrate.json with the same configs first, or set --default_tau."
+            )
         warnings.warn(
             f"{path} not found: using the default Dice threshold tau={default} (run calibrate.json).", stacklevel=2
         )

@@ -306,10 +306,15 @@ class RobustEvaluator(SupervisedEvaluator):
         self.fire_event(AttackEvents.ROBUSTNESS_COMPLETED)
 
 
-def _check_scale(value: float) -> float:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+def _check_scale(value: Any) -> float:
+    """``value`` as a float (Python, NumPy or 0-d tensor scalars), refused unless finite and > 0."""
+    try:
+        scale = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        scale = None
+    if scale is None or not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"eps_scale must be finite and > 0, got {value!r}.")
-    return float(value)
+    return scale
 
 
 def _checksum(x: torch.Tensor) -> float:

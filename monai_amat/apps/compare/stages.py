@@ -53,6 +53,8 @@ EVAL_ONLY_KEYS = (
     "eval_attacks",
     "masking_checks",
     "breaking_eps",
+    "eval_eps_scale",
+    "sample_name_keys",
 )
 
 
