@@ -78,7 +78,7 @@ def test_two_gloo_ranks_train_the_3d_variant_with_one_validation_volume(tmp_path
     volume, fewer than the ranks, is padded by the validation sampler instead of refused."""
     out = tmp_path / "amat"
     override = {
-        **tiny(tmp_path, epochs=2, embedded_cases=8, patch_size=[16, 16, 8], filters=[8, 16, 32]),
+        **tiny(tmp_path, epochs=2, embedded_cases=8, patch_size=[16, 16, 8], filters=[8, 16, 32], default_tau=0.3),
         "output_dir": str(out),
     }
     spec = {"config_file": configs(BUNDLE, "train", "multi_gpu_train", "volumetric"), "override": override}
