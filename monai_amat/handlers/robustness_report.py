@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,7 +76,7 @@ def plot_robustness(
             if metric in c:
                 sd = floats(((errors or {}).get(model) or {}).get(metric))
                 ax.errorbar(eps, floats(c[metric]), yerr=sd, marker="o", capsize=3, label=model)
-        ax.set_xlabel(eps_label)
+        ax.set_xlabel(textwrap.fill(eps_label, 40))  # a per-input rule is long: wrap it under its own panel
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -208,7 +209,7 @@ class RobustnessReport:
         values = [r["breaking_eps"] for r in rows]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.hist(values, bins=min(max(len(values) // 2, 5), 30), range=(0, summary["max_eps"]))
-        ax.set_xlabel(f"breaking eps{eps_scale_note(scale)}")
+        ax.set_xlabel(textwrap.fill(f"breaking eps{eps_scale_note(scale)}", 60))
         ax.set_ylabel("samples")
         median = "> max" if summary["median"] is None else f"{summary['median']:.3g}"
         ax.set_title(
