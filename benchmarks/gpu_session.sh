@@ -20,7 +20,8 @@ export PYTHONPATH="/tmp/site:$PWD"
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'monai', monai.__version__)"; } > "$OUT/device.txt" 2>&1
 
 # 1. the suite on a GPU machine (target 6), with the tracebacks this time
-timeout 240 python3 -m pytest -q --tb=short -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
+# (the image has pytest-xdist; six workers share the GPU, the torchrun tests run their ranks on the CPU)
+timeout 240 python3 -m pytest -q -n 6 --timeout 200 --tb=short -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
 echo "pytest exit $?" >> "$OUT/tests.log"
 
 # 2. PGD vs torchattacks, criterion cost, AMAT vs SAT memory (targets 2, 3)

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: small data and networks, bundle config paths and tiny overrides, error chains."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,17 @@ def ckpt_export(bundle, ckpt, filepath, **overrides):
         cmd += [f"--{key}", str(value)]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     return filepath
+
+
+def two_cpu_ranks(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` on the CPU (gloo), whatever GPUs the machine has.
+
+    The bundles' ``multi_gpu_train.json`` picks NCCL and ``cuda:LOCAL_RANK`` where CUDA is visible, and a one-GPU
+    machine has no ``cuda:1``; these tests are about the gloo path, so the children see no GPU.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def chain(exc_info):

@@ -2,10 +2,7 @@
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -14,7 +11,7 @@ from monai.bundle import run
 from PIL import Image
 
 from monai_amat.data.synthetic import make_embedded_bccd
-from tests.helpers import CHECKS, DETECTION_SPATIAL, ROOT, chain, ckpt_export, configs, detection_tiny
+from tests.helpers import CHECKS, DETECTION_SPATIAL, chain, ckpt_export, configs, detection_tiny, two_cpu_ranks
 
 BUNDLE = "bccd_cell_detection_amat"
 SPATIAL = DETECTION_SPATIAL
@@ -161,11 +158,10 @@ def test_two_gloo_ranks_train_the_detector(tmp_path):
     """multi_gpu_train.json under torchrun on CPU: every training image once per epoch in margins.csv, one model."""
     out = tmp_path / "ddp"
     overrides = {**detection_tiny(tmp_path, embedded_cases=10, epochs=2), "output_dir": str(out)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle"]
-    cmd += ["run", "--config_file", str(configs(BUNDLE, "train", "multi_gpu_train"))]
+    cmd = ["-m", "monai.bundle", "run", "--config_file", str(configs(BUNDLE, "train", "multi_gpu_train"))]
     for key, value in overrides.items():
         cmd += [f"--{key}", repr(value) if not isinstance(value, str) else value]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = two_cpu_ranks(*cmd)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out / "margins.csv") as f:
         rows = list(csv.DictReader(f))

@@ -108,9 +108,7 @@ def test_compare_runs_skips_resumes_and_reevaluates(tmp_path, capsys, one_thread
     # the same command again: every stage is skipped, nothing in the run folders is rewritten
     before = run_files(out)
     capsys.readouterr()
-    t0 = time.perf_counter()
     assert main(args) == 0
-    assert time.perf_counter() - t0 < 30
     assert capsys.readouterr().out.count("finished earlier, skipped") == 9
     assert run_files(out) == before
     assert json.loads((out / "comparison.json").read_text())["models"] == comparison["models"]

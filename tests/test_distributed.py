@@ -2,16 +2,13 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
 from monai_amat.data.segmentation import msd_volumes
-from tests.helpers import ROOT, configs, tiny
+from tests.helpers import ROOT, configs, tiny, two_cpu_ranks
 
 BUNDLE = "msd_hippocampus_seg_amat"
 N = 47  # one sample fewer than the 48 slices of 6 embedded cases: DistributedSampler pads rank 1 with a repeat
@@ -30,10 +27,7 @@ def test_two_gloo_ranks_share_one_margin_table(tmp_path):
         "checkpoint#num_samples": N,
     }
     spec = {"config_file": configs(BUNDLE, "train", "multi_gpu_train"), "override": override, "nan_at": [1, 2]}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ranks.pt"), json.dumps(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = two_cpu_ranks(str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ranks.pt"), json.dumps(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     result = torch.load(tmp_path / "ranks.pt", weights_only=True)
@@ -83,10 +77,7 @@ def test_two_gloo_ranks_train_the_3d_variant_with_one_validation_volume(tmp_path
     }
     spec = {"config_file": configs(BUNDLE, "train", "multi_gpu_train", "volumetric"), "override": override}
     spec["nan_at"] = [-1, -1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ranks.pt"), json.dumps(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = two_cpu_ranks(str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ranks.pt"), json.dumps(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     data = msd_volumes("embedded", "Task04_Hippocampus", [16, 16], embedded_dir=tmp_path / "data", embedded_cases=8)
     assert len(data["val"]) == 1 and "val_dice" in proc.stdout + proc.stderr

@@ -76,7 +76,11 @@ def decode_landmarks(pred: torch.Tensor, radius: float, threshold: float = 0.5) 
     b, k, h, w = prob.shape
     peak = prob.flatten(2).argmax(2)
     py, px = (peak // w).float(), (peak % w).float()
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=prob.dtype), torch.arange(w, dtype=prob.dtype), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=prob.dtype, device=prob.device),
+        torch.arange(w, dtype=prob.dtype, device=prob.device),
+        indexing="ij",
+    )
     near = ((xs - px[..., None, None]) ** 2 + (ys - py[..., None, None]) ** 2) <= radius**2
     is_peak = (xs == px[..., None, None]) & (ys == py[..., None, None])
     weight = prob * (near & ((prob >= threshold) | is_peak))
