@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's GPU checks as one prepared run for a lent GPU machine (the `device` tool: 15 minutes in all).
 #
-# Here, once, in the repository root (the GPU machine has torch and torchvision, not these):
-#   echo /.whl/ >> .git/info/exclude
-#   for p in monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 fire==0.7.1 termcolor==3.3.0 torchattacks==3.5.1; do
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 --platform any -d .whl "$p"; done
+# Here, once, in the repository root: bash benchmarks/gpu_wheels.sh (the packages the GPU image lacks, mlflow for
+# the tracking test among them, as wheels in .whl/).
 # Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590). Everything lands in $OUT:
 # device.txt, tests.log (with tracebacks), core_fp32.json, core_amp.json, heart_{fp32,fp16,bf16}.json, heart3d_amp.json,
 # main_job.log.
