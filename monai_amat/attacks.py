@@ -473,7 +473,8 @@ class PGD:
         }
 
     def _per_sample(self, value: float | torch.Tensor, batch: int, x: torch.Tensor, name: str) -> torch.Tensor:
-        t = torch.as_tensor(value, dtype=torch.float32, device=x.device).detach()
+        # checked where the value lives (a float or the CPU margin table: no wait for the device), then moved
+        t = torch.as_tensor(value, dtype=torch.float32).detach()
         if t.dim() == 0:
             t = t.expand(batch)
         if tuple(t.shape) != (batch,):
@@ -484,7 +485,7 @@ class PGD:
                 f"PGD {name} must be finite and >= 0, got {t[bad].tolist()} at batch positions "
                 f"{bad.nonzero().flatten().tolist()}."
             )
-        return t.to(x.dtype)
+        return t.to(device=x.device, dtype=x.dtype)
 
     def _start(
         self, x: torch.Tensor, eps: torch.Tensor, start_radius: float | torch.Tensor | None, force: bool = False

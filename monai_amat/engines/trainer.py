@@ -347,7 +347,8 @@ class AMATTrainer(RobustTrainer):
                 "to look up per-sample margins; add it to the datalist with "
                 "monai_amat.data.add_sample_index(datalist), or name the key with index_key=..."
             )
-        margins = self.margin_handler.lookup(indices).to(engine.state.device)
+        # left on the CPU with the table: the attack checks them there and copies them over without a device wait
+        margins = self.margin_handler.lookup(indices)
         return margins, self.margin_handler.start_radius(margins)
 
 
