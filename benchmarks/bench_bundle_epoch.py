@@ -87,6 +87,7 @@ def main():
         "overrides": overrides,
         "device": str(trainers["AMAT"].state.device),
         "epoch_s": med,
+        "epochs_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "amat/sat": med["AMAT"] / med["SAT"],
         "peak_mb": peak,
         "amat/sat_peak": peak["AMAT"] / peak["SAT"] if peak["SAT"] > 0 else None,

@@ -19,7 +19,7 @@ from monai.utils import convert_to_dst_type
 from torch import nn
 
 from monai_amat.criteria import LossThresholdCriterion
-from monai_amat.utils import map_tensors
+from monai_amat.utils import map_tensors, plain_tensor
 
 __all__ = [
     "PGD",
@@ -331,8 +331,8 @@ class PGD:
         Raises:
             ValueError: for a negative or non-finite ``eps``, or a loss that is not one value per sample.
         """
-        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
-        x = x.detach()
+        # plain tensors: MetaTensor's per-op dispatch on the targets would be paid by the loss on every iterate
+        x, targets = plain_tensor(inputs).detach(), map_tensors(targets, plain_tensor)
         batch = x.shape[0]
         eps_t = self._per_sample(eps, batch, x, "eps")
         forward = network if forward_fn is None else forward_fn
@@ -426,7 +426,7 @@ class PGD:
         Raises:
             ValueError: for an ``fn`` that does not return one value per sample.
         """
-        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        x, targets = plain_tensor(inputs), map_tensors(targets, plain_tensor)
         forward = network if forward_fn is None else forward_fn
         with self._attack_mode(network), torch.no_grad():
             pred = to_float32(forward(x.detach()))
@@ -446,7 +446,7 @@ class PGD:
         Returns:
             The noisy inputs (a plain tensor).
         """
-        x = (inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs).detach()
+        x = plain_tensor(inputs).detach()
         eps_t = self._per_sample(eps, x.shape[0], x, "eps")
         return self._clamp(x + self._start(x, eps_t, eps_t, force=True))
 

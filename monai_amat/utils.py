@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "plain_tensor",
     "atomic_write",
     "write_json",
     "read_json",
@@ -202,6 +203,18 @@ def moved_name(module: str, name: str, new_module: str, names: tuple[str, ...]) 
         stacklevel=3,
     )
     return getattr(importlib.import_module(new_module), name)
+
+
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a plain ``torch.Tensor`` (a MetaTensor's data without its metadata, no copy); other tensors as they are.
+
+    Args:
+        t: a tensor.
+
+    Returns:
+        The plain tensor.
+    """
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -120,3 +120,20 @@ def test_ranks_above_0_keep_the_handlers_that_change_training_subclasses_too(mon
     assert distributed.main_rank_handlers(handlers) == handlers  # rank 0 (no torch.distributed here): all of them
     monkeypatch.setattr(distributed, "is_rank0", lambda: False)
     assert distributed.main_rank_handlers(handlers) == handlers[1:4]
+
+
+def test_rank_device_per_local_rank_and_too_many_processes_for_the_gpus(monkeypatch):
+    from monai_amat.apps.distributed import rank_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(KeyError, match="start multi_gpu_train.json with torchrun"):
+        rank_device()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device() == torch.device("cpu")  # gloo processes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # two processes on a one-GPU machine
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 1 but 1 GPU\(s\) visible.*CUDA_VISIBLE_DEVICES="):
+        rank_device()

@@ -14,6 +14,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from monai_amat.attacks import PGD, AttackResult, check_per_sample, loss_and_correct, map_tensors, to_float32
 from monai_amat.keys import AttackEvents, AttackKeys
+from monai_amat.utils import plain_tensor
 
 __all__ = ["RobustTrainer", "AMATTrainer", "SATTrainer", "MarginSource"]
 
@@ -214,7 +215,9 @@ class RobustTrainer(SupervisedTrainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0], batch[1]
+        # plain tensors from here on: no loss, criterion or attack reads the metadata, and MetaTensor's per-op
+        # dispatch on the labels, which every checked attack iterate touches, cost AMAT several % of an iteration
+        inputs, targets = map_tensors((batch[0], batch[1]), plain_tensor)
         args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
         size = inputs.shape[0]
         indices = self.sample_indices(batchdata, size)
