@@ -1,7 +1,8 @@
 """Side-by-side timings of the core engine, printed as ratios measured in one run.
 
 (a) our PGD vs torchattacks' PGD / PGDL2 on a classifier, configured alike;
-(b) PGD-K on a small 2D DynUNet vs K x (one forward + input-gradient pass);
+(b) PGD-K on a small 2D DynUNet vs K x (one forward + input-gradient pass); with AMAT's criterion on every
+    iterate; and that attack on MetaTensors (as a MONAI loader gives them) vs plain tensors;
 (c) one AMAT iteration vs one SAT iteration (same attack steps): time, and peak memory
     (CUDA: max allocated; CPU: peak RSS growth of a fresh subprocess per trainer);
 (d) APGD-K vs PGD-K on the same batch and loss (time, and the mean loss each reaches);
@@ -23,6 +24,7 @@ import time
 
 import torch
 from memory import child_env, peak_rss_growth_mb
+from monai.data import MetaTensor
 from monai.networks.nets import DynUNet
 
 from monai_amat.attacks import APGD, PGD
@@ -128,6 +130,7 @@ def bench_pgd_cost(args, device):
             "one": one_pass,
             "pgd": lambda: attack(net, x, y, 1.0),
             "crit": lambda: attack.attack(net, x, y, 1.0, criterion=crit),
+            "crit_meta": lambda: attack.attack(net, MetaTensor(x), MetaTensor(y), 1.0, criterion=crit),
         },
         device,
         args.repeats,
@@ -139,6 +142,7 @@ def bench_pgd_cost(args, device):
         "pgd_with_criterion_s": t_crit,
         "ratio": t_pgd / (args.steps * t_one),
         "ratio_with_criterion": t_crit / (args.steps * t_one),
+        "metatensor_vs_plain_with_criterion": t["crit_meta"] / t_crit,
     }
 
 
