@@ -5,7 +5,7 @@
 # the tracking test among them, as wheels in .whl/).
 # Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590). Everything lands in $OUT:
 # device.txt, tests.log (with tracebacks), core_fp32.json, core_amp.json, heart_{fp32,fp16,bf16}.json, heart3d_amp.json,
-# main_job.log.
+# main_job.log, main_job_compiled.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -43,4 +43,9 @@ start=$(date +%s)
 timeout 120 python3 -m monai.bundle run --config_file bundles/msd_hippocampus_seg_amat/configs/train.json \
   --output_dir /tmp/main_job > "$OUT/main_job.log" 2>&1
 echo "main job training: exit $?, $(($(date +%s) - start)) s" >> "$OUT/main_job.log"
-tail -n 3 "$OUT"/*.json "$OUT/main_job.log"
+# 4b. the same with MONAI's compile flag (torch.compile of the network; compile time included)
+start=$(date +%s)
+timeout 120 python3 -m monai.bundle run --config_file bundles/msd_hippocampus_seg_amat/configs/train.json \
+  --output_dir /tmp/main_job_compiled --train#trainer#compile True > "$OUT/main_job_compiled.log" 2>&1
+echo "main job training, compiled: exit $?, $(($(date +%s) - start)) s" >> "$OUT/main_job_compiled.log"
+tail -n 3 "$OUT"/*.json "$OUT"/main_job*.log

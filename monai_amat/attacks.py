@@ -579,7 +579,10 @@ class PGD:
                         m.eval()
             for p, _ in flags:
                 p.requires_grad_(False)
-            no_sync = network.no_sync() if isinstance(network, nn.parallel.DistributedDataParallel) else nullcontext()
+            ddp = isinstance(
+                getattr(network, "_orig_mod", network), nn.parallel.DistributedDataParallel
+            )  # compiled too
+            no_sync = network.no_sync() if ddp else nullcontext()
             with no_sync:
                 yield
         finally:

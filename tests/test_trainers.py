@@ -271,6 +271,21 @@ def test_amp_flag_and_grad_clipping_run(tmp_path):
     assert norms and all(n <= 1e-3 * 1.01 for n in norms)
 
 
+def test_monai_compile_flag_trains_exactly_as_without(tmp_path):
+    """MONAI's ``compile=True`` (here torch.compile's eager backend: the same operations, traced by Dynamo) through
+    the clean pass, the attack's mode and gradient switches and the adversarial pass: same weights, same margins."""
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        kwargs = {"compile": True, "compile_kwargs": {"backend": "eager"}} if compiled else {}
+        trainer, handler, net = _amat(tmp_path / str(compiled), n=8, epochs=2, **kwargs)
+        trainer.run()
+        assert isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        runs[compiled] = [p.detach().clone() for p in net.parameters()], handler.margins.clone()
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][0], runs[True][0]))
+    assert torch.equal(runs[False][1], runs[True][1]) and len(set(runs[True][1].tolist())) > 1
+
+
 def test_checkpoint_round_trip_restores_margins(tmp_path):
     trainer, handler, net = _amat(tmp_path, epochs=2)
     handler.table.margins = torch.rand(8) + 0.5  # a table where every sample differs

@@ -228,7 +228,10 @@ class RobustTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         # the clean term's gradient is back-propagated now, to free its graph before the attack (peak memory as
         # adversarial-only SAT); under DDP it only accumulates locally and is all-reduced with the adversarial term's
-        ddp = isinstance(engine.network, torch.nn.parallel.DistributedDataParallel)
+        # under MONAI's ``compile=True`` the network is torch.compile's wrapper of the DDP module
+        ddp = isinstance(
+            getattr(engine.network, "_orig_mod", engine.network), torch.nn.parallel.DistributedDataParallel
+        )
         with engine.network.no_sync() if ddp and self.beta < 1.0 else nullcontext():
             with torch.set_grad_enabled(self.beta < 1.0):
                 out[Keys.PRED] = forward(inputs)
