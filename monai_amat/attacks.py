@@ -19,7 +19,7 @@ from monai.utils import convert_to_dst_type
 from torch import nn
 
 from monai_amat.criteria import LossThresholdCriterion
-from monai_amat.utils import map_tensors, plain_tensor
+from monai_amat.utils import is_ddp, map_tensors, plain_tensor
 
 __all__ = [
     "PGD",
@@ -579,10 +579,7 @@ class PGD:
                         m.eval()
             for p, _ in flags:
                 p.requires_grad_(False)
-            ddp = isinstance(
-                getattr(network, "_orig_mod", network), nn.parallel.DistributedDataParallel
-            )  # compiled too
-            no_sync = network.no_sync() if ddp else nullcontext()
+            no_sync = network.no_sync() if is_ddp(network) else nullcontext()
             with no_sync:
                 yield
         finally:

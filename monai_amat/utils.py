@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "plain_tensor",
     "atomic_write",
     "write_json",
     "read_json",
@@ -26,6 +25,8 @@ __all__ = [
     "root_cause",
     "moved_module",
     "moved_name",
+    "plain_tensor",
+    "is_ddp",
 ]
 
 
@@ -215,6 +216,18 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
         The plain tensor.
     """
     return t.as_tensor() if hasattr(t, "as_tensor") else t
+
+
+def is_ddp(network: torch.nn.Module) -> bool:
+    """Whether ``network`` is a ``DistributedDataParallel`` module, also inside ``torch.compile``'s wrapper.
+
+    Args:
+        network: a module (MONAI's ``compile=True`` gives the trainer the compiled wrapper).
+
+    Returns:
+        True for DDP, compiled or not.
+    """
+    return isinstance(getattr(network, "_orig_mod", network), torch.nn.parallel.DistributedDataParallel)
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

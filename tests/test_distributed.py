@@ -137,3 +137,20 @@ def test_rank_device_per_local_rank_and_too_many_processes_for_the_gpus(monkeypa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # two processes on a one-GPU machine
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK 1 but 1 GPU\(s\) visible.*CUDA_VISIBLE_DEVICES="):
         rank_device()
+
+
+def test_is_ddp_sees_through_torch_compile(tmp_path):
+    """The trainer and the attack skip DDP's gradient sync for the clean pass and the attack; under MONAI's
+    ``compile=True`` they get torch.compile's wrapper of the DDP module and must still recognise it."""
+    import torch.distributed as dist
+
+    from monai_amat.utils import is_ddp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = torch.nn.Linear(2, 2)
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        assert is_ddp(ddp) and is_ddp(torch.compile(ddp, backend="eager"))
+        assert not is_ddp(net) and not is_ddp(torch.compile(net, backend="eager"))
+    finally:
+        dist.destroy_process_group()

@@ -14,7 +14,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from monai_amat.attacks import PGD, AttackResult, check_per_sample, loss_and_correct, map_tensors, to_float32
 from monai_amat.keys import AttackEvents, AttackKeys
-from monai_amat.utils import plain_tensor
+from monai_amat.utils import is_ddp, plain_tensor
 
 __all__ = ["RobustTrainer", "AMATTrainer", "SATTrainer", "MarginSource"]
 
@@ -228,10 +228,7 @@ class RobustTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         # the clean term's gradient is back-propagated now, to free its graph before the attack (peak memory as
         # adversarial-only SAT); under DDP it only accumulates locally and is all-reduced with the adversarial term's
-        # under MONAI's ``compile=True`` the network is torch.compile's wrapper of the DDP module
-        ddp = isinstance(
-            getattr(engine.network, "_orig_mod", engine.network), torch.nn.parallel.DistributedDataParallel
-        )
+        ddp = is_ddp(engine.network)  # compiled (MONAI's ``compile=True``) or not
         with engine.network.no_sync() if ddp and self.beta < 1.0 else nullcontext():
             with torch.set_grad_enabled(self.beta < 1.0):
                 out[Keys.PRED] = forward(inputs)
