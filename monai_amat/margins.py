@@ -1,11 +1,16 @@
 """AMAT's per-sample margin rule as plain tensor code (no Ignite, no distributed code).
 
-Per epoch, every sample seen gets a running estimate of its boundary (starting from its margin), and flags saying
-whether it was wrong on clean input and whether an attack iterate made it wrong. At the end of the epoch:
+The rule of the authors' code (``AMAT_update_margin`` and ``run_AMAT_iteration`` of their nnU-Net fork; the landmark
+and YOLOv5 scripts differ only where the switches below say). Per epoch, every sample seen gets two flags, each set
+when **any** of its appearances (batches drawn with replacement, crops of one item) had it: "survived" (no attack
+iterate made it wrong) and "clean-correct" (the criterion on clean input); and a running estimate of its boundary,
+starting from its margin and averaged with the final noise norm of each clean-correct appearance. At the end of the
+epoch:
 
-- clean-correct and never made wrong -> the margin grows by ``delta`` (expand);
-- clean-correct and made wrong -> the margin becomes the running estimate (refine);
-- clean-wrong -> the margin is kept (or reset to ``delta``, an older variant);
+- clean-correct and survived -> the margin grows by ``delta`` (expand);
+- clean-correct and never survived -> the margin becomes the running estimate (refine), unless refining is off
+  (the authors' landmark script), in which case it is kept;
+- never clean-correct -> the margin is kept (or reset to ``delta``, an older variant);
 - everything is clamped to ``[0, max_margin]``.
 """
 
@@ -18,6 +23,8 @@ import torch
 __all__ = ["ESTIMATES", "margin_update", "start_radius", "MarginTable"]
 
 ESTIMATES = ("final", "first_wrong")
+# the per-epoch bookkeeping tensors of a MarginTable's state, beside its margins
+BOOKKEEPING = ("estimate", "seen", "survived", "clean_correct", "estimated", "start_wrong", "group", "grouped")
 
 
 def margin_update(
@@ -73,14 +80,20 @@ class MarginTable:
         estimate: ``"final"`` (the authors' code): the boundary estimate is the running mean of the final
             noise norms; ``"first_wrong"``: the running mean of the noise norm of the first iterate that made
             the sample wrong (refined by bisection when the attack does it).
-        reset_clean_wrong: reset the margins of clean-wrong samples to ``delta`` (older variant) instead of
-            keeping them.
+        refine: move the margins of clean-correct samples that no attack survived to their boundary estimate (the
+            authors' segmentation and detection code); False keeps them (the authors' landmark script).
+        floor: lower bound of the running boundary estimate, applied at every step of the running mean as the
+            authors' detection code does (``torch.max((E_new + temp) / 2, bottom)`` with ``bottom = delta``);
+            0 for none. Must lie in ``[0, max_margin]``.
+        reset_clean_wrong: reset the margins of samples never clean-correct to ``delta`` (older variant) instead
+            of keeping them.
         group_name: name of the per-sample group that :py:meth:`record` may be given (e.g. ``"foreground"``); the
             epoch statistics are then also given for the group and the rest (``..._foreground``,
             ``..._no_foreground``).
 
     Raises:
-        ValueError: for ``num_samples < 1``, ``delta <= 0``, ``max_margin < delta`` or an unknown ``estimate``.
+        ValueError: for ``num_samples < 1``, ``delta <= 0``, ``max_margin < delta``, an unknown ``estimate`` or a
+            ``floor`` outside ``[0, max_margin]``.
     """
 
     def __init__(
@@ -89,6 +102,8 @@ class MarginTable:
         delta: float,
         max_margin: float = math.inf,
         estimate: str = "final",
+        refine: bool = True,
+        floor: float = 0.0,
         reset_clean_wrong: bool = False,
         group_name: str = "group",
     ) -> None:
@@ -100,10 +115,14 @@ class MarginTable:
             raise ValueError(f"max_margin must be >= delta ({delta}), got {max_margin!r}.")
         if estimate not in ESTIMATES:
             raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}.")
+        if floor is None or not 0 <= floor <= max_margin:
+            raise ValueError(f"floor must lie in [0, max_margin = {max_margin}], got {floor!r}.")
         self.num_samples = int(num_samples)
         self.delta = float(delta)
         self.max_margin = float(max_margin)
         self.estimate_from = estimate
+        self.refine = bool(refine)
+        self.floor = float(floor)
         self.reset_clean_wrong = bool(reset_clean_wrong)
         self.group_name = str(group_name)
         self.margins = torch.full((self.num_samples,), self.delta)
@@ -112,12 +131,9 @@ class MarginTable:
     def begin_epoch(self) -> None:
         """Start an epoch's bookkeeping: estimates start at the margins, no sample seen yet."""
         self.boundary_estimate = self.margins.clone()
-        self.seen = torch.zeros(self.num_samples, dtype=torch.bool)
-        self.found = torch.zeros(self.num_samples, dtype=torch.bool)
-        self.clean_wrong = torch.zeros(self.num_samples, dtype=torch.bool)
-        self.start_wrong = torch.zeros(self.num_samples, dtype=torch.bool)
-        self.group = torch.zeros(self.num_samples, dtype=torch.bool)
-        self.grouped = torch.zeros(self.num_samples, dtype=torch.bool)
+        flags = {name: torch.zeros(self.num_samples, dtype=torch.bool) for name in BOOKKEEPING[1:]}
+        self.seen, self.survived, self.clean_correct, self.estimated = (flags[k] for k in BOOKKEEPING[1:5])
+        self.start_wrong, self.group, self.grouped = (flags[k] for k in BOOKKEEPING[5:])
 
     def check_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Validate sample indices against the table.
@@ -166,8 +182,10 @@ class MarginTable:
     ) -> None:
         """Record one batch's attack results.
 
-        Samples that appear several times in the batch (crops of one item) are reduced first: their flags with
-        "any", their norms with the mean. The running estimate is then ``(previous + norm) / 2``.
+        A sample's flags are set when any appearance has them: "survived" where ``found`` is False, "clean-correct"
+        where ``clean_correct`` is True. Its running estimate becomes ``max((previous + norm) / 2, floor)``, with
+        ``norm`` the mean noise norm of its clean-correct appearances in this batch (several appear when crops of
+        one item share it; the authors' code keeps one of them, arbitrarily); a batch with none leaves it.
 
         Args:
             indices: ``(B,)`` sample indices.
@@ -180,23 +198,28 @@ class MarginTable:
             group: ``(B,)`` bool, the sample belongs to the group named ``group_name`` (diagnostics only).
         """
         indices = self.check_indices(indices)
-        found = torch.as_tensor(found).detach().cpu().bool().reshape(-1)
-        wrong = ~torch.as_tensor(clean_correct).detach().cpu().bool().reshape(-1)
-        norm = (noise_norm if self.estimate_from == "final" else boundary_norm).detach().cpu().float().reshape(-1)
         unique, inverse = torch.unique(indices, return_inverse=True)
-        count = torch.zeros(len(unique)).index_add_(0, inverse, torch.ones(len(indices)))
-        mean_norm = torch.zeros(len(unique)).index_add_(0, inverse, norm) / count
-        any_found = torch.zeros(len(unique)).index_add_(0, inverse, found.float()) > 0
-        any_wrong = torch.zeros(len(unique)).index_add_(0, inverse, wrong.float()) > 0
-        self.boundary_estimate[unique] = (self.boundary_estimate[unique] + mean_norm) / 2
-        self.found[unique] |= any_found
-        self.clean_wrong[unique] |= any_wrong
+
+        def any_of(flags: torch.Tensor) -> torch.Tensor:
+            flags = torch.as_tensor(flags).detach().cpu().float().reshape(-1)
+            return torch.zeros(len(unique)).index_add_(0, inverse, flags) > 0
+
+        correct = torch.as_tensor(clean_correct).detach().cpu().bool().reshape(-1)
+        norm = (noise_norm if self.estimate_from == "final" else boundary_norm).detach().cpu().float().reshape(-1)
+        count = torch.zeros(len(unique)).index_add_(0, inverse, correct.float())
+        total = torch.zeros(len(unique)).index_add_(0, inverse, torch.where(correct, norm, 0.0))
+        has = count > 0
+        rows = unique[has]
+        estimate = (self.boundary_estimate[rows] + total[has] / count[has]) / 2
+        self.boundary_estimate[rows] = estimate.clamp(min=self.floor)
+        self.estimated[rows] = True
         self.seen[unique] = True
-        for flags, table in ((start_wrong, self.start_wrong), (group, self.group)):
-            if flags is not None:
-                flags = torch.as_tensor(flags).detach().cpu().float().reshape(-1)
-                table[unique] |= torch.zeros(len(unique)).index_add_(0, inverse, flags) > 0
+        self.survived[unique] |= any_of(~torch.as_tensor(found).detach().cpu().bool())
+        self.clean_correct[unique] |= has
+        if start_wrong is not None:
+            self.start_wrong[unique] |= any_of(start_wrong)
         if group is not None:
+            self.group[unique] |= any_of(group)
             self.grouped[unique] = True
 
     def end_epoch(self) -> dict[str, float]:
@@ -208,10 +231,10 @@ class MarginTable:
             when groups were recorded, the mean margin and these fractions within the group and the rest too
             (suffixes ``_<group_name>`` and ``_no_<group_name>``).
         """
-        correct = self.seen & ~self.clean_wrong
-        expand = correct & ~self.found
-        refine = correct & self.found
-        reset = self.seen & self.clean_wrong if self.reset_clean_wrong else None
+        correct = self.seen & self.clean_correct
+        expand = correct & self.survived
+        refine = correct & ~self.survived if self.refine else torch.zeros_like(correct)
+        reset = self.seen & ~self.clean_correct if self.reset_clean_wrong else None
         self.margins = margin_update(
             self.margins, expand, refine, self.boundary_estimate, self.delta, self.max_margin, reset
         )
@@ -236,16 +259,9 @@ class MarginTable:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only, so checkpoints load with ``weights_only=True``."""
-        return {
-            "margins": self.margins.clone(),
-            "estimate": self.boundary_estimate.clone(),
-            "seen": self.seen.clone(),
-            "found": self.found.clone(),
-            "clean_wrong": self.clean_wrong.clone(),
-            "start_wrong": self.start_wrong.clone(),
-            "group": self.group.clone(),
-            "grouped": self.grouped.clone(),
-        }
+        tables = (self.boundary_estimate, self.seen, self.survived, self.clean_correct, self.estimated)
+        tables += (self.start_wrong, self.group, self.grouped)
+        return {"margins": self.margins.clone(), **{k: v.clone() for k, v in zip(BOOKKEEPING, tables)}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a table saved by :py:meth:`state_dict`.
@@ -254,10 +270,17 @@ class MarginTable:
             state: the saved tensors.
 
         Raises:
-            KeyError: when a tensor is missing.
+            KeyError: when a tensor is missing; a table of the earlier per-appearance rule (flags ``found`` and
+                ``clean_wrong``) is named as such, since its bookkeeping cannot be translated.
             ValueError: when the saved table has another number of samples.
         """
-        missing = [k for k in ("margins", "estimate", "seen", "found", "clean_wrong") if k not in state]
+        missing = [k for k in ("margins", *BOOKKEEPING) if k not in state]
+        if missing and {"found", "clean_wrong"} <= set(state):
+            raise KeyError(
+                "the margin state was written by the earlier margin rule (one flag per appearance: 'found', "
+                "'clean_wrong'), whose epoch bookkeeping cannot be carried over to the any-appearance rule: start "
+                "the run again (--overwrite True, or another output_dir)."
+            )
         if missing:
             raise KeyError(f"margin state is missing {missing}.")
         size = int(torch.as_tensor(state["margins"]).numel())
@@ -268,10 +291,5 @@ class MarginTable:
             )
         self.margins = torch.as_tensor(state["margins"]).float().clone()
         self.boundary_estimate = torch.as_tensor(state["estimate"]).float().clone()
-        self.seen = torch.as_tensor(state["seen"]).bool().clone()
-        self.found = torch.as_tensor(state["found"]).bool().clone()
-        self.clean_wrong = torch.as_tensor(state["clean_wrong"]).bool().clone()
-        # diagnostics only: checkpoints written before they existed resume with none recorded
-        for name in ("start_wrong", "group", "grouped"):
-            default = torch.zeros(self.num_samples, dtype=torch.bool)
-            setattr(self, name, torch.as_tensor(state.get(name, default)).bool().clone())
+        for name in BOOKKEEPING[1:]:
+            setattr(self, name, torch.as_tensor(state[name]).bool().clone())

@@ -62,7 +62,10 @@ class MarginHandler:
         delta: initial margin and margin step, ``> 0``.
         max_margin: margin upper bound, ``>= delta``; ``math.inf`` (default) for none.
         estimate: ``"final"`` (the authors' code) or ``"first_wrong"``; see :py:class:`monai_amat.margins.MarginTable`.
-        reset_clean_wrong: reset clean-wrong samples to ``delta`` instead of keeping their margin.
+        refine: move the margins of samples that no attack survived to their boundary estimate (segmentation and
+            detection in the authors' code); False keeps them (their landmark script).
+        floor: lower bound of the running boundary estimate (the authors' detection code: ``delta``); 0 for none.
+        reset_clean_wrong: reset samples never clean-correct to ``delta`` instead of keeping their margin.
         output_dir: folder for ``margins.csv``; None writes no file.
         filename: the CSV file name.
         summary_writer: a TensorBoard ``SummaryWriter`` (anything with ``add_histogram``) for margin histograms.
@@ -75,7 +78,7 @@ class MarginHandler:
             for ``group_fn``, the batch) that the adversarial trainers write, as MONAI handlers take it.
 
     Raises:
-        ValueError: for invalid ``num_samples``, ``delta``, ``max_margin`` or ``estimate``.
+        ValueError: for invalid ``num_samples``, ``delta``, ``max_margin``, ``estimate`` or ``floor``.
     """
 
     def __init__(
@@ -84,6 +87,8 @@ class MarginHandler:
         delta: float,
         max_margin: float = math.inf,
         estimate: str = "final",
+        refine: bool = True,
+        floor: float = 0.0,
         reset_clean_wrong: bool = False,
         output_dir: str | os.PathLike | None = None,
         filename: str = "margins.csv",
@@ -94,7 +99,9 @@ class MarginHandler:
         output_transform: Callable[[Any], Mapping[str, Any]] = lambda x: x,
     ) -> None:
         self.output_transform = output_transform
-        self.table = MarginTable(num_samples, delta, max_margin, estimate, reset_clean_wrong, group_name)
+        self.table = MarginTable(
+            num_samples, delta, max_margin, estimate, refine, floor, reset_clean_wrong, group_name
+        )
         self.group_fn = group_fn
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.filename = filename
@@ -201,23 +208,24 @@ class MarginHandler:
             f.writelines(f"{epoch},{i},{m:.8g}\n" for i, m in enumerate(self.table.margins.tolist()))
 
     def _all_reduce(self) -> None:
-        """Combine the ranks' bookkeeping: flags with "any", estimates averaged over the ranks that saw a sample."""
+        """Combine the ranks' bookkeeping: flags with "any", estimates averaged over the ranks that recorded one."""
         if rank_world()[1] == 1:
             return
         device = (
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         )
         t = self.table
-        seen = t.seen.double()
-        flags = (t.found, t.clean_wrong, t.start_wrong, t.group, t.grouped)
-        packed = torch.stack([seen, t.boundary_estimate.double() * seen, *((f & t.seen).double() for f in flags)])
-        packed = packed.to(device)
+        flags = (t.seen, t.survived, t.clean_correct, t.estimated, t.start_wrong, t.group, t.grouped)
+        weight = t.estimated.double()
+        packed = torch.stack([t.boundary_estimate.double() * weight, *(f.double() for f in flags)]).to(device)
         dist.all_reduce(packed)
         packed = packed.cpu()
-        count = packed[0]
-        t.seen = count > 0
-        t.boundary_estimate = torch.where(t.seen, packed[1] / count.clamp(min=1), t.boundary_estimate.double()).float()
-        t.found, t.clean_wrong, t.start_wrong, t.group, t.grouped = (packed[i] > 0 for i in range(2, 7))
+        t.seen, t.survived, t.clean_correct, t.estimated, t.start_wrong, t.group, t.grouped = (
+            packed[i] > 0 for i in range(1, 8)
+        )
+        t.boundary_estimate = torch.where(
+            t.estimated, packed[0] / packed[4].clamp(min=1), t.boundary_estimate.double()
+        ).float()
 
     def state_dict(self) -> dict[str, Any]:
         """Margins and the live epoch bookkeeping, as tensors (loads with ``weights_only=True``)."""
