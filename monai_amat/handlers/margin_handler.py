@@ -99,9 +99,7 @@ class MarginHandler:
         output_transform: Callable[[Any], Mapping[str, Any]] = lambda x: x,
     ) -> None:
         self.output_transform = output_transform
-        self.table = MarginTable(
-            num_samples, delta, max_margin, estimate, refine, floor, reset_clean_wrong, group_name
-        )
+        self.table = MarginTable(num_samples, delta, max_margin, estimate, refine, floor, reset_clean_wrong, group_name)
         self.group_fn = group_fn
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.filename = filename
