@@ -241,6 +241,10 @@ class PGD:
         value_range: ``(lo, hi)`` to clamp adversarial values to; None (default) does not clamp.
         train_mode: run the network in train mode during the attack, with its normalisation layers frozen in
             eval mode, for networks that only yield losses in train mode (detection). Default: eval mode.
+        start_on_sphere: with ``random_start`` and no ``start_radius`` in the call, start on the L2 sphere of
+            radius ``eps`` instead of uniformly in the ball, as the authors' evaluation does (``get_noise_init``:
+            uniform noise per value, projected to the ball, lies on its surface in high dimension). Linf starts
+            uniformly in the cube either way.
 
     Raises:
         ValueError: for an unknown ``norm``, ``steps < 1``, ``alpha <= 0`` or an empty ``value_range``.
@@ -255,6 +259,7 @@ class PGD:
         random_start: bool = True,
         value_range: Sequence[float] | None = None,
         train_mode: bool = False,
+        start_on_sphere: bool = False,
     ) -> None:
         norm = str(norm).lower()
         if norm not in NORMS:
@@ -272,6 +277,7 @@ class PGD:
         self.random_start = bool(random_start)
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.train_mode = bool(train_mode)
+        self.start_on_sphere = bool(start_on_sphere)
 
     def __call__(
         self,
@@ -459,8 +465,8 @@ class PGD:
         """The attack's settings, as reports record them.
 
         Returns:
-            ``{"name", "loss", "norm", "steps", "alpha", "random_start", "value_range"}`` (and what a subclass
-            adds); ``loss`` is the class name of the loss.
+            ``{"name", "loss", "norm", "steps", "alpha", "random_start", "start_on_sphere", "value_range"}`` (and
+            what a subclass adds); ``loss`` is the class name of the loss.
         """
         return {
             "name": type(self).__name__,
@@ -469,6 +475,7 @@ class PGD:
             "steps": self.steps,
             "alpha": self.alpha,
             "random_start": self.random_start,
+            "start_on_sphere": self.start_on_sphere,
             "value_range": self.value_range,
         }
 
@@ -493,7 +500,7 @@ class PGD:
         if not (self.random_start or force):
             return torch.zeros_like(x)
         if start_radius is None:
-            radius, on_sphere = eps, False
+            radius, on_sphere = eps, self.start_on_sphere
         else:
             radius, on_sphere = self._per_sample(start_radius, x.shape[0], x, "start_radius"), True
         if self.norm == "linf":

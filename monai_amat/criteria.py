@@ -26,6 +26,7 @@ __all__ = [
     "DiceWorstCaseScore",
     "LossThresholdCriterion",
     "huber_location_scale",
+    "CALIBRATION_STATISTICS",
     "calibrate_thresholds",
     "calibrate_dice_tau",
     "save_thresholds",
@@ -310,20 +311,38 @@ def huber_location_scale(
     return mu, scale
 
 
-def calibrate_thresholds(losses: Mapping[str, Sequence[float] | torch.Tensor], z: float = 2.0) -> dict[str, float]:
-    """Loss thresholds from a trained model's per-sample clean losses: Huber mean ``+ z ×`` Huber scale.
+CALIBRATION_STATISTICS = ("huber", "max")
+
+
+def calibrate_thresholds(
+    losses: Mapping[str, Sequence[float] | torch.Tensor], z: float = 2.0, statistic: str = "huber"
+) -> dict[str, float]:
+    """Loss thresholds from a trained model's per-sample clean losses.
 
     Args:
         losses: ``{component: per-sample clean losses}`` over the training set.
-        z: how many robust scales above the robust mean.
+        z: how many robust scales above the robust mean (``"huber"``).
+        statistic: ``"huber"``: Huber mean ``+ z ×`` Huber scale (the authors' landmark script); ``"max"``: the
+            largest loss (their YOLOv5 ``evaluate_adv_get_dist.py``, where the Huber line is commented out).
 
     Returns:
         ``{component: threshold}``.
+
+    Raises:
+        ValueError: for an unknown ``statistic``, or a component without finite values.
     """
+    if statistic not in CALIBRATION_STATISTICS:
+        raise ValueError(f"statistic must be one of {CALIBRATION_STATISTICS}, got {statistic!r}.")
     out = {}
     for name, values in losses.items():
-        mu, scale = huber_location_scale(values)
-        out[name] = mu + z * scale
+        if statistic == "huber":
+            mu, scale = huber_location_scale(values)
+            out[name] = mu + z * scale
+            continue
+        values = torch.as_tensor(values).detach().double().reshape(-1)
+        if values.numel() == 0 or not torch.isfinite(values).all():
+            raise ValueError(f"loss component {name!r}: the maximum needs a non-empty finite sample.")
+        out[name] = float(values.max())
     return out
 
 
@@ -356,17 +375,21 @@ def save_thresholds(
     model: str,
     split: str | None = None,
     samples: int | None = None,
+    statistic: str | None = None,
 ) -> None:
-    """Write ``thresholds.json`` (``{"criterion", "thresholds", "z", "model", "split", "samples"}``) atomically.
+    """Write ``thresholds.json`` atomically: ``{"criterion", "thresholds", "z", "model", "split", "samples", ...}``.
+
+    ``"statistic"`` is added: how loss thresholds were computed.
 
     Args:
         path: the file to write.
         criterion: the criterion's name, e.g. ``"dice"`` or ``"loss_threshold"``.
         thresholds: ``{name: value}``.
-        z: the z used for calibration (None for Dice).
+        z: the z used for calibration (None for Dice and the maximum).
         model: the model file the thresholds were calibrated on.
         split: the data split the values came from (``"val"``, ``"train"``), None when unknown.
         samples: how many samples the thresholds rest on.
+        statistic: how the loss thresholds were computed (:py:data:`CALIBRATION_STATISTICS`), None for Dice.
     """
     write_json(
         path,
@@ -377,6 +400,7 @@ def save_thresholds(
             "model": str(model),
             "split": split,
             "samples": samples,
+            "statistic": statistic,
         },
     )
 

@@ -41,6 +41,19 @@ def test_pgd_random_start_and_value_range():
     assert torch.allclose(per_sample_norm(adv - x), torch.ones(4), atol=1e-3)
 
 
+def test_evaluation_start_on_the_sphere():
+    # the authors' evaluation starts on the sphere of radius eps; with a step far too small to move, the norm of
+    # the noise is the start's: eps on the sphere, spread inside the ball otherwise
+    x, y = seg_batch()
+    net, loss = trained_unet(x, y)
+    eps = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    for on_sphere in (True, False):
+        adv = PGD(loss, steps=1, alpha=1e-6, start_on_sphere=on_sphere)(net, x, y, eps)
+        ratio = per_sample_norm(adv - x) / eps
+        assert torch.allclose(ratio, torch.ones(4), atol=1e-3) == on_sphere, ratio
+    assert PGD(loss, start_on_sphere=True).describe()["start_on_sphere"] is True
+
+
 def test_pgd_3d_metatensor_and_restores_network_state():
     x = torch.randn(2, 1, 8, 8, 8)
     y = (x > 0.5).float()

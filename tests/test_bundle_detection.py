@@ -2,12 +2,13 @@
 
 import csv
 import json
+import math
 import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from monai.bundle import run
+from monai.bundle import ConfigParser, run
 from PIL import Image
 
 from monai_amat.data.synthetic import make_embedded_bccd
@@ -31,7 +32,23 @@ def test_detection_bundle_all_configs(tmp_path):
     assert thresholds["criterion"] == "loss_threshold"
     assert thresholds["split"] == "train" and thresholds["samples"] > 0  # the authors' split for loss thresholds
     assert set(thresholds["thresholds"]) == {"classification", "box_regression"}
-    assert all(v > 0 for v in thresholds["thresholds"].values())
+    assert thresholds["statistic"] == "max" and thresholds["z"] is None
+    # the authors' detection thresholds: each component's largest per-image loss of the STD model on the training
+    # images, computed here outside the calibration handler
+    parser = ConfigParser()
+    parser.read_config(configs(BUNDLE, "train", "calibrate"))
+    for key, value in detection_tiny(tmp_path).items():
+        parser[key] = value
+    net, loss = parser.get_parsed_content("network").eval(), parser.get_parsed_content("loss")
+    net.load_state_dict(torch.load(out["std"] / "model.pt", weights_only=True))
+    prepare = parser.get_parsed_content("prepare_batch")
+    largest = {}
+    with torch.no_grad():
+        for batch in parser.get_parsed_content("calibrate#dataloader"):
+            images, targets = prepare(batch, torch.device("cpu"))[:2]
+            for name, values in loss.components(net(images), targets).items():
+                largest[name] = max(largest.get(name, -math.inf), float(values.max()))
+    assert thresholds["thresholds"] == pytest.approx(largest, rel=1e-5)
 
     run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **detection_tiny(tmp_path, epochs=2))
     with open(out["amat"] / "margins.csv") as f:
@@ -175,3 +192,28 @@ def test_two_gloo_ranks_train_the_detector(tmp_path):
         "model.pt",
         "model_best.pt",
     ]
+
+
+def test_every_detection_attack_clamps_to_the_image_range(tmp_path):
+    """The authors clamp attacked detection images to [0, 1] in AMAT training, SAT and evaluation."""
+    overrides = detection_tiny(tmp_path)
+    attacks = {}
+    for names in (["train"], ["train", "train_sat"]):
+        parser = ConfigParser()
+        parser.read_config(configs(BUNDLE, *names))
+        for key, value in overrides.items():
+            parser[key] = value
+        attacks[names[-1]] = parser.get_parsed_content("train#trainer").attack
+    parser = ConfigParser()
+    parser.read_config(configs(BUNDLE, "train", "evaluate"))
+    for key, value in overrides.items():
+        parser[key] = value
+    attacks.update({f"evaluate:{k}": v for k, v in parser.get_parsed_content("evaluate#attacks").items()})
+    assert {k: a.value_range for k, a in attacks.items()} == {k: (0.0, 1.0) for k in attacks}
+    net, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    images, targets = parser.get_parsed_content("prepare_batch")(batch, torch.device("cpu"))[:2]
+    for name, attack in attacks.items():
+        adv = attack(net, images, targets, 50.0)  # a budget far past the image range
+        assert adv.min() >= 0.0 and adv.max() <= 1.0, name
+        assert not torch.equal(adv, images), name

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 
 import pytest
@@ -28,10 +29,19 @@ def test_landmark_bundle_all_configs(tmp_path):
     assert thresholds["split"] == "train" and thresholds["samples"] > 0  # the authors' split for loss thresholds
     assert set(thresholds["thresholds"]) == {"heatmap", "offset_x", "offset_y"}
 
-    run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **landmark_tiny(tmp_path, epochs=2))
+    run(config_file=configs(BUNDLE, "train"), output_dir=str(out["amat"]), **landmark_tiny(tmp_path, epochs=3))
     with open(out["amat"] / "margins.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows and {r["epoch"] for r in rows} == {"1", "2"}
+    assert rows and {r["epoch"] for r in rows} == {"1", "2", "3"}
+    # the authors' landmark rule: margins start at delta, grow by delta while the sample survives, never shrink;
+    # delta 0.5 in the paper's units, whose input had 3 channels (ours 1) of 200 x 160 pixels (ours 40 x 32)
+    step = 0.5 * math.sqrt(40 * 32 / (3 * 200 * 160))
+    margins = {}
+    for r in rows:
+        margins.setdefault(int(r["index"]), [step]).append(float(r["margin"]))
+    for history in margins.values():
+        assert all(b >= a - 1e-6 for a, b in zip(history, history[1:])), history
+        assert all(m / step == pytest.approx(round(m / step), abs=1e-4) for m in history), history
     run(config_file=configs(BUNDLE, "train", "evaluate"), output_dir=str(out["amat"]), **landmark_tiny(tmp_path))
     report = json.loads((out["amat"] / "robustness.json").read_text())
     assert report["eps"] == [0, 0.5, 1, 1.5, 2, 2.5, 3] and report["task"] == "landmarks"

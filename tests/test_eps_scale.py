@@ -27,6 +27,11 @@ def _parser(bundle, names, overrides):
 def test_default_eps_scale_and_its_check(caplog):
     assert default_eps_scale(True, [32, 32], [64, 64]) == 0.5
     assert default_eps_scale(False, [32, 32], [64, 64]) == 1.0
+    # the per-value noise counts channels too: the paper's RGB input of a grey X-ray against our one channel
+    assert default_eps_scale(False, [32, 32], [64, 64], 1, 3) == pytest.approx(math.sqrt(1 / 3))
+    assert default_eps_scale(True, [32, 32], [64, 64], 1, 3) == pytest.approx(0.5 / math.sqrt(3))
+    with pytest.raises(ValueError, match="paper_channels"):
+        default_eps_scale(True, [32, 32], [64, 64], 1, 0)
     with caplog.at_level("INFO"):
         assert check_config({"eps_scale": 0.25})
     assert "eps_scale = 0.25" in caplog.text
@@ -46,11 +51,19 @@ def test_every_eps_like_key_is_scaled_and_recorded(bundle, tmp_path):
     scale = amat.get_parsed_content("eps_scale")
     paper = amat.get_parsed_content("paper_spatial_size")
     size = amat.get_parsed_content("spatial_size")
-    assert scale == pytest.approx(math.sqrt(math.prod(size) / math.prod(paper))) and scale < 1
+    channels = amat.get_parsed_content("network_def#in_channels") if "network_def#in_channels" in amat else 1
+    paper_channels = amat.get("paper_in_channels", channels)
+    channel_scale = math.sqrt(channels / paper_channels)
+    assert channel_scale == (math.sqrt(1 / 3) if bundle == "isbi2015_ceph_landmark_amat" else 1.0)
+    assert scale == pytest.approx(math.sqrt(math.prod(size) / math.prod(paper)) * channel_scale) and scale < 1
     delta, max_margin = amat.get_parsed_content("delta"), amat.get_parsed_content("max_margin")
     margins = amat.get_parsed_content("train#margins")
     assert margins.delta == pytest.approx(delta * scale)
     assert margins.table.max_margin == pytest.approx(max_margin * scale)
+    assert margins.table.floor == pytest.approx(amat.get_parsed_content("margin_floor") * scale)
+    # the authors' rule per task: landmarks never refine, detection floors the estimate at delta
+    assert margins.table.refine is (bundle != "isbi2015_ceph_landmark_amat")
+    assert margins.table.floor == pytest.approx(margins.delta if bundle == "bccd_cell_detection_amat" else 0.0)
 
     sat = _parser(bundle, ["train", "train_sat"], overrides)
     trainer = sat.get_parsed_content("train#trainer")
@@ -67,4 +80,4 @@ def test_every_eps_like_key_is_scaled_and_recorded(bundle, tmp_path):
     unscaled = _parser(bundle, ["train"], {**overrides, "eps_scale": 1.0})
     assert unscaled.get_parsed_content("train#margins").delta == pytest.approx(delta)
     real = _parser(bundle, ["train"], {**overrides, "data_source": "real"})
-    assert real.get_parsed_content("eps_scale") == 1.0
+    assert real.get_parsed_content("eps_scale") == pytest.approx(channel_scale)

@@ -60,17 +60,17 @@ def expected_margins(n, delta, max_margin, rows, epochs):
     history = []
     for epoch in range(1, epochs + 1):
         est = list(margins)
-        found, seen = [False] * n, [False] * n
+        survived, seen = [False] * n, [False] * n
         for e, idx, _, fnd, norm, _ in rows:
             if e != epoch:
                 continue
             for i, f, v in zip(idx.tolist(), fnd.tolist(), norm.tolist()):
                 est[i] = (est[i] + v) / 2
-                found[i] |= f
+                survived[i] |= not f
                 seen[i] = True
         for i in range(n):
             if seen[i]:
-                margins[i] = min(est[i] if found[i] else margins[i] + delta, max_margin)
+                margins[i] = min(margins[i] + delta if survived[i] else est[i], max_margin)
         history.append(list(margins))
     return history
 

@@ -16,7 +16,7 @@ from monai.transforms import LoadImage
 
 from monai_amat.apps import REPOSITORY_BUNDLES
 from monai_amat.attacks import voxel_eps_scale
-from monai_amat.criteria import load_thresholds
+from monai_amat.criteria import CALIBRATION_STATISTICS, load_thresholds
 from monai_amat.engines.evaluator import check_eps_list
 from monai_amat.utils import root_cause
 
@@ -49,7 +49,9 @@ BOOL_KEYS = (
     "skip_non_finite",
     "oversample_foreground",
     "sat_start_on_sphere",
+    "margin_refine",
     "eval_random_start",
+    "eval_start_on_sphere",
     "breaking_eps",
     "masking_checks",
     "strict_inputs",
@@ -152,35 +154,54 @@ def bundle_root(name: str) -> str:
     )
 
 
-def default_eps_scale(embedded: bool, spatial_size: Sequence[int], paper_spatial_size: Sequence[int]) -> float:
-    """The factor that turns the paper's L2 noise levels into the same per-pixel noise on another input size.
+def default_eps_scale(
+    embedded: bool,
+    spatial_size: Sequence[int],
+    paper_spatial_size: Sequence[int],
+    channels: int = 1,
+    paper_channels: int = 1,
+) -> float:
+    """The factor that turns the paper's L2 noise levels into the same per-value noise on another input.
 
-    An L2 budget spread over ``n`` pixels gives each pixel about ``eps / sqrt(n)``; inputs with fewer pixels than the
-    paper's get proportionally stronger noise at the same eps. The factor is
-    ``sqrt(prod(spatial_size) / prod(paper_spatial_size))`` on embedded data (the channels are the same on both
-    sides) and 1 on real data, which the bundles resize to the paper's size.
+    An L2 budget spread over ``n`` input values gives each value about ``eps / sqrt(n)``; inputs with fewer values
+    than the paper's get proportionally stronger noise at the same eps. The factor is
+    ``sqrt(channels / paper_channels)``, times ``sqrt(prod(spatial_size) / prod(paper_spatial_size))`` on embedded
+    data (real data are resized to the paper's size). ``paper_channels`` counts what the paper's network received:
+    the authors feed the grey cephalometric X-ray as three equal RGB channels, so a one-channel network gets
+    ``sqrt(1 / 3)`` of the paper's eps for the same per-value noise.
 
     Args:
         embedded: the run uses the embedded data.
         spatial_size: the network input size of the run.
         paper_spatial_size: the paper's network input size.
+        channels: the input channels of the run's network.
+        paper_channels: the input channels of the paper's network.
 
     Returns:
         The factor.
+
+    Raises:
+        ValueError: when a channel count is not an integer >= 1.
     """
-    return voxel_eps_scale(spatial_size, paper_spatial_size) if embedded else 1.0
+    for name, value in (("channels", channels), ("paper_channels", paper_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    spatial = voxel_eps_scale(spatial_size, paper_spatial_size) if embedded else 1.0
+    return spatial * math.sqrt(channels / paper_channels)
 
 
 def check_config(values: Mapping[str, Any]) -> bool:
     """Check a bundle's settings before anything runs; errors name the config key.
 
-    Known keys (others are ignored): ``epochs`` (integer >= 1), ``delta`` (> 0), ``max_margin`` (>= delta), ``beta``
-    (in [0, 1]), ``sat_eps`` (>= 0), ``sat_eps_list`` and ``eps_list`` (ascending, >= 0), ``train_attack_steps`` /
+    Known keys (others are ignored): ``epochs`` (integer >= 1), ``delta`` (> 0), ``max_margin`` (>= delta),
+    ``margin_floor`` (in [0, max_margin]), ``beta`` (in [0, 1]), ``sat_eps`` (>= 0), ``sat_eps_list`` and
+    ``eps_list`` (ascending, >= 0), ``train_attack_steps`` /
     ``attack_steps`` (integer >= 1), ``train_alpha`` / ``eval_alpha`` (> 0), ``norm`` (``"l2"`` or ``"linf"``),
     ``batch_size`` (integer >= 1), ``learning_rate`` (> 0), ``data_source`` (``"embedded"`` or ``"real"``;
     ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0, or a callable giving each input's factor such as
     :py:class:`monai_amat.attacks.PerVoxelEpsScale`; logged, since it multiplies every eps-like key),
-    ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z`` (finite), ``seed`` / ``data_seed`` (integer
+    ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z`` (finite),
+    ``calibration_statistic`` (``"huber"`` or ``"max"``), ``seed`` / ``data_seed`` (integer
     >= 0), ``embedded_cases`` (integer >= 1), ``default_tau`` (in [0, 1], or None: no default, a calibration is
     required), ``spatial_size`` (integers >= 1,
     multiples of ``spatial_multiple`` when given: what the network's strides need), ``patch_size`` (integers >= 1,
@@ -246,6 +267,8 @@ def check_config(values: Mapping[str, Any]) -> bool:
             raise bad(key, "must be finite and > 0")
     if "max_margin" in values and not number("max_margin") >= values.get("delta", 0):
         raise bad("max_margin", f"must be >= delta ({values.get('delta')})")
+    if "margin_floor" in values and not 0 <= number("margin_floor") <= values.get("max_margin", math.inf):
+        raise bad("margin_floor", f"must be in [0, max_margin ({values.get('max_margin', math.inf)})]")
     if "beta" in values and not 0 <= number("beta") <= 1:
         raise bad("beta", "must be in [0, 1]")
     if "sat_eps" in values and not (number("sat_eps") >= 0 and math.isfinite(values["sat_eps"])):
@@ -273,6 +296,8 @@ def check_config(values: Mapping[str, Any]) -> bool:
         raise bad("calibration_split", "must be 'train' or 'val'")
     if "calibration_z" in values and not math.isfinite(number("calibration_z")):
         raise bad("calibration_z", "must be a finite number")
+    if "calibration_statistic" in values and values["calibration_statistic"] not in CALIBRATION_STATISTICS:
+        raise bad("calibration_statistic", f"must be one of {list(CALIBRATION_STATISTICS)}")
     if "eps_scale" in values:
         scale = values["eps_scale"]
         logger.info(

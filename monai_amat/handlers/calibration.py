@@ -13,6 +13,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from monai_amat.attacks import to_float32
 from monai_amat.criteria import (
+    CALIBRATION_STATISTICS,
     calibrate_dice_tau,
     calibrate_thresholds,
     hard_dice,
@@ -37,8 +38,9 @@ class CalibrationHandler:
 
     - ``"dice"`` (segmentation): ``tau`` as the authors' ``getOnlineDiceMean``: the unsmoothed hard Dice, mean
       over the foreground classes, averaged over the samples whose label contains **every** foreground class;
-    - ``"loss"`` (landmarks, detection): per component, Huber robust mean ``+ z ×`` robust scale of the per-sample
-      clean losses ``components_fn(pred, label) -> {name: Tensor[B]}``.
+    - ``"loss"`` (landmarks, detection): per component, a statistic of the per-sample clean losses
+      ``components_fn(pred, label) -> {name: Tensor[B]}``: Huber robust mean ``+ z ×`` robust scale (the authors'
+      landmarks) or the maximum (their detection); see :py:func:`monai_amat.criteria.calibrate_thresholds`.
 
     Attach it to a ``SupervisedEvaluator`` created with ``decollate=False`` (batch-level outputs) over the split
     named by ``split`` (recorded in the file with the number of samples). Under ``torch.distributed`` every rank
@@ -49,13 +51,14 @@ class CalibrationHandler:
         mode: ``"dice"`` or ``"loss"``.
         model: the model file the thresholds come from (recorded in the file).
         components_fn: the per-sample loss components (``"loss"`` mode).
-        z: robust scales above the robust mean (``"loss"`` mode).
+        z: robust scales above the robust mean (``"loss"`` mode with ``statistic="huber"``).
+        statistic: ``"huber"`` or ``"max"`` (``"loss"`` mode).
         split: the name of the data split the evaluator runs on (``"val"``, ``"train"``), recorded in the file.
         output_transform: maps ``engine.state.output`` to ``(prediction, label)``, as MONAI handlers take it; default
             the ``pred`` and ``label`` keys.
 
     Raises:
-        ValueError: for an unknown mode, or ``"loss"`` mode without ``components_fn``.
+        ValueError: for an unknown mode or statistic, or ``"loss"`` mode without ``components_fn``.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class CalibrationHandler:
         model: str = "",
         components_fn: Callable[[Any, Any], Mapping[str, torch.Tensor]] | None = None,
         z: float = 2.0,
+        statistic: str = "huber",
         split: str | None = None,
         output_transform: Callable[[Any], tuple[Any, Any]] | None = None,
     ) -> None:
@@ -72,11 +76,14 @@ class CalibrationHandler:
             raise ValueError(f"calibration mode must be 'dice' or 'loss', got {mode!r}.")
         if mode == "loss" and components_fn is None:
             raise ValueError("calibration mode 'loss' needs components_fn.")
+        if statistic not in CALIBRATION_STATISTICS:
+            raise ValueError(f"calibration statistic must be one of {CALIBRATION_STATISTICS}, got {statistic!r}.")
         self.output_file = output_file
         self.mode = mode
         self.model = str(model)
         self.components_fn = components_fn
         self.z = float(z)
+        self.statistic = statistic
         self.split = split
         self.output_transform = output_transform or from_engine([Keys.PRED, Keys.LABEL])
         self.values: dict[str, list[torch.Tensor]] = {}
@@ -114,11 +121,12 @@ class CalibrationHandler:
         values = {k: torch.cat([r[k] for r in ranks if k in r]) for k in ranks[0]}
         if self.mode == "dice":
             self.thresholds = {"tau": calibrate_dice_tau(values["dice"], values["complete"])}
-            z = None
+            z, statistic = None, None
         else:
-            self.thresholds, z = calibrate_thresholds(values, self.z), self.z
+            self.thresholds = calibrate_thresholds(values, self.z, self.statistic)
+            z, statistic = (self.z if self.statistic == "huber" else None), self.statistic
         if not is_rank0():
             return
         samples = int(next(iter(values.values())).numel()) if values else 0
         criterion = self.mode if self.mode == "dice" else "loss_threshold"
-        save_thresholds(self.output_file, criterion, self.thresholds, z, self.model, self.split, samples)
+        save_thresholds(self.output_file, criterion, self.thresholds, z, self.model, self.split, samples, statistic)

@@ -50,6 +50,7 @@ EVAL_ONLY_KEYS = (
     "attack_steps",
     "eval_alpha",
     "eval_random_start",
+    "eval_start_on_sphere",
     "eval_attacks",
     "masking_checks",
     "breaking_eps",
@@ -64,13 +65,15 @@ UNUSED_BY = {
     "train_std": (
         "delta",
         "max_margin",
+        "margin_refine",
+        "margin_floor",
         "beta",
         "default_tau",
         "train_attack_steps",
         "train_alpha",
         "sat_start_on_sphere",
     ),
-    "train_sat": ("delta", "max_margin", "beta", "default_tau"),
+    "train_sat": ("delta", "max_margin", "margin_refine", "margin_floor", "beta", "default_tau"),
 }
 
 
