@@ -51,7 +51,7 @@ def test_bundle_in_3d_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path
         **settings,
     )
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
-    assert thresholds["samples"] == len(data["val"])  # one Dice per validation volume
+    assert thresholds["samples"] == len(data["train"])  # one Dice per training volume
 
     run(config_file=configs(bundle, "train", "volumetric"), output_dir=str(out["amat"]), **{**settings, "epochs": 2})
     with open(out["amat"] / "margins.csv") as f:
