@@ -210,7 +210,7 @@ def test_every_detection_attack_clamps_to_the_image_range(tmp_path):
         parser[key] = value
     attacks.update({f"evaluate:{k}": v for k, v in parser.get_parsed_content("evaluate#attacks").items()})
     assert {k: a.value_range for k, a in attacks.items()} == {k: (0.0, 1.0) for k in attacks}
-    net, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
+    net = parser.get_parsed_content("network")
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
     images, targets = parser.get_parsed_content("prepare_batch")(batch, torch.device("cpu"))[:2]
     for name, attack in attacks.items():
