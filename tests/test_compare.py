@@ -1,6 +1,7 @@
 """The comparison runner: the paper's protocol on a bundle, tables and plot, skipping, resuming, argument errors."""
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -243,8 +244,19 @@ def test_claims_verdict_uses_combined_sd_and_direction():
         "sat_seconds_mean": 10.0,
         "ratio": 3.0,
         "per_sat": {"SAT-1": 3.0, "SAT-4": 3.0},
+        "sat_seconds_total": 20.0,
+        "ratio_to_all_sats": 1.5,  # one AMAT training against the two SAT trainings of the eps search
     }
+    e = verdict["e"]  # AMAT's clean 0.80 lies below every other model's: the frontier's end point SAT-1
+    assert e["between"] == ["SAT-1"] and e["inside"] is False and e["frontier_auc"] == pytest.approx(1.02)
+    assert e["gain"] == pytest.approx(-0.02) and e["gain_in_sd"] == pytest.approx(-0.02 / (0.02 * 2**0.5))
     json.dumps(verdict)  # plain values only
+    # between SAT-1 (0.81, 1.02 ± 0.02) and SAT-4 (0.9, 1.2 ± 0): at clean 0.85 the frontier is 4/9 of the way
+    e = claims_verdict([*models[:1], scored("AMAT", 0.85, 1.3, 0.0, 0.02), *models[2:]])["e"]
+    w = 0.04 / 0.09
+    assert e["between"] == ["SAT-1", "SAT-4"] and e["inside"] is True
+    assert e["frontier_auc"] == pytest.approx(1.02 + w * 0.18) and e["frontier_auc_sd"] == pytest.approx(0.02 * (1 - w))
+    assert e["gain_in_sd"] == pytest.approx((1.3 - 1.02 - w * 0.18) / math.hypot(0.02, 0.02 * (1 - w)))
 
     # within the combined sd on both: the claim holds; the same gap with sd 0 is a clear win for SAT
     assert claims_verdict([amat, scored("SAT-1", 0.81, 1.02, 0.01, 0.02)])["a"]["holds"] is True
@@ -255,6 +267,7 @@ def test_claims_verdict_uses_combined_sd_and_direction():
     mre = [scored("AMAT", 2.0, 5.0, 0.1, 0.1, metric="mre_mm"), scored("SAT-3", 1.5, 4.0, 0.1, 0.1, metric="mre_mm")]
     verdict = claims_verdict(mre)
     assert verdict["lower_is_better"] is True and verdict["a"]["sats_beating_amat"] == ["SAT-3"]
+    assert verdict["e"]["gain"] == pytest.approx(-1.0)  # an AUC of errors 1.0 higher than the frontier's: below it
     assert verdict["b"]["outcome"] == "worse" and verdict["c"]["outcome"] == "worse"
     mre[1] = scored("SAT-3", 2.5, 6.0, 0.1, 0.1, metric="mre_mm")
     verdict = claims_verdict(mre)
@@ -309,8 +322,9 @@ def test_tables_and_plot_from_robustness_files(tmp_path):
     assert f"- (b) AUC: AMAT 1.200 vs SAT-1 1.025, {nearest}: difference +0.175: AMAT better." in md
     nearest = "the SAT with the AUC nearest AMAT's"
     assert f"- (c) Clean sdr_2mm: AMAT 0.800 vs SAT-1 0.850, {nearest}: difference -0.050: AMAT worse." in md
-    ratios = "AMAT / SAT = 1.00 (SAT-1 1.11, SAT-5 0.91)."
-    assert f"- (d) Training time: AMAT 40 s, SAT 40 s on average over 2 models: {ratios}" in md
+    ratios = "AMAT / SAT = 1.00 (SAT-1 1.11, SAT-5 0.91); one AMAT training against the 2 SAT trainings that find"
+    assert f"- (d) Training time: AMAT 40 s, SAT 40 s on average over 2 models: {ratios} the best eps: 0.50." in md
+    assert "- (e) Frontier of STD and the SAT levels at AMAT's clean sdr_2mm (linear between SAT-5 and SAT-1)" in md
     assert (tmp_path / "comparison.png").read_bytes()[:8] == PNG
 
     with pytest.raises(ValueError, match="STD: sdr_2mm has 3 values for 2 eps"):

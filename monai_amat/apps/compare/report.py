@@ -295,7 +295,11 @@ def claims_verdict(models: Sequence[Mapping[str, Any]], metric: str | None = Non
       "matched_on", "amat", "amat_sd", "sat_value", "sat_sd", "difference" (AMAT - SAT), "combined_sd",
       "outcome"}``, the outcome ``"better"``, ``"worse"`` or ``"within sd"`` for AMAT);
     - ``"d"``: training time, ``{"amat_seconds", "sat_seconds_mean", "ratio" (AMAT / mean SAT), "per_sat": {name:
-      AMAT / SAT}}`` (None where a time is missing).
+      AMAT / SAT}, "sat_seconds_total", "ratio_to_all_sats"}`` (None where a time is missing): the last is the cost
+      view, one AMAT training against the several SAT trainings needed to find the best eps;
+    - ``"e"``: AMAT's AUC against the frontier of STD and the SAT levels at AMAT's clean metric (linear between
+      neighbouring points sorted by the clean metric), ``{"between", "inside", "frontier_auc", "frontier_auc_sd",
+      "gain" (in the metric's direction: positive, AMAT above the frontier), "combined_sd", "gain_in_sd"}``.
 
     Args:
         models: entries of ``comparison.json`` (``name``, ``metrics``, ``auc``, ``train_seconds``; ``metrics_sd``
@@ -303,8 +307,8 @@ def claims_verdict(models: Sequence[Mapping[str, Any]], metric: str | None = Non
         metric: the metric; default the main metric (the first of the first model's ``metrics``).
 
     Returns:
-        ``{"metric", "lower_is_better", "a", "b", "c", "d"}``, or None without an AMAT model, without a SAT model, or
-        when one of their clean values or AUCs is missing or not finite.
+        ``{"metric", "lower_is_better", "a", "b", "c", "d", "e"}``, or None without an AMAT model, without a SAT
+        model, or when one of their clean values or AUCs is missing or not finite.
     """
     metric = metric or _main_metric(models)
     if metric is None:
@@ -324,6 +328,7 @@ def claims_verdict(models: Sequence[Mapping[str, Any]], metric: str | None = Non
     nearest_auc = min(sats, key=lambda s: abs(s.auc - amat.auc))
     timed = [s for s in sats if s.seconds]
     sat_seconds = sum(s.seconds for s in timed) / len(timed) if timed else None
+    std = next((_scores(m, metric) for m in models if m["name"] == "STD"), None)
     return {
         "metric": metric,
         "lower_is_better": lower,
@@ -339,7 +344,38 @@ def claims_verdict(models: Sequence[Mapping[str, Any]], metric: str | None = Non
             "sat_seconds_mean": sat_seconds,
             "ratio": amat.seconds / sat_seconds if amat.seconds and sat_seconds else None,
             "per_sat": {s.name: amat.seconds / s.seconds for s in timed} if amat.seconds else {},
+            "sat_seconds_total": sum(s.seconds for s in timed) if timed else None,
+            "ratio_to_all_sats": amat.seconds / sum(s.seconds for s in timed) if amat.seconds and timed else None,
         },
+        "e": _frontier_distance(amat, ([std] if std is not None else []) + sats, lower),
+    }
+
+
+def _frontier_distance(amat: _Scores, points: Sequence[_Scores], lower_is_better: bool) -> dict[str, Any]:
+    """AMAT's AUC against the frontier of the other models at AMAT's clean metric, in units of the combined sd.
+
+    The frontier runs linearly between neighbouring (clean, AUC) points sorted by the clean metric; its AUC and sd at
+    AMAT's clean value are interpolated between the two points around it, or taken from the end point when AMAT's
+    clean value lies outside their range (``"inside": False``).
+    """
+    points = sorted(points, key=lambda p: p.clean)
+    right = next((i for i, p in enumerate(points) if p.clean >= amat.clean), len(points) - 1)
+    left = max(right - 1, 0)
+    lo, hi = points[left], points[right]
+    inside = lo.clean <= amat.clean <= hi.clean
+    w = (amat.clean - lo.clean) / (hi.clean - lo.clean) if inside and hi.clean > lo.clean else float(right > 0)
+    w = min(max(w, 0.0), 1.0)
+    auc, auc_sd = lo.auc + w * (hi.auc - lo.auc), lo.auc_sd + w * (hi.auc_sd - lo.auc_sd)
+    combined_sd = math.hypot(amat.auc_sd, auc_sd)
+    gain = _gain(amat.auc, auc, lower_is_better)
+    return {
+        "between": [lo.name, hi.name] if lo is not hi else [lo.name],
+        "inside": inside,
+        "frontier_auc": auc,
+        "frontier_auc_sd": auc_sd,
+        "gain": gain,
+        "combined_sd": combined_sd,
+        "gain_in_sd": gain / combined_sd if combined_sd > 0 else None,
     }
 
 
@@ -382,8 +418,18 @@ def _verdict_lines(
         digits = 0 if min(amat_time, sat_time) >= 10 else 1
         lines.append(
             f"- (d) Training time: AMAT {amat_time:.{digits}f} s, SAT {sat_time:.{digits}f} s on average over {n} "
-            f"model{'s' if n > 1 else ''}: AMAT / SAT = {d['ratio']:.2f} ({per_sat})."
+            f"model{'s' if n > 1 else ''}: AMAT / SAT = {d['ratio']:.2f} ({per_sat}); one AMAT training against "
+            f"the {n} SAT trainings that find the best eps: {d['ratio_to_all_sats']:.2f}."
         )
+    e = verdict["e"]
+    where = " and ".join(e["between"]) if e["inside"] else f"{e['between'][0]} (AMAT's clean {metric} lies outside)"
+    in_sd = f" = {e['gain_in_sd']:+.2f} combined sd" if e["gain_in_sd"] is not None else ""
+    side = "above" if e["gain"] > 0 else "below"
+    lines.append(
+        f"- (e) Frontier of STD and the SAT levels at AMAT's clean {metric} (linear between {where}): AUC "
+        f"{_cell(e['frontier_auc'], e['frontier_auc_sd'], auc_digits, spread)}; AMAT {side} it by "
+        f"{abs(e['gain']):.{auc_digits}f}{in_sd}."
+    )
     return [*lines, ""]
 
 
