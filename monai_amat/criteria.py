@@ -338,11 +338,11 @@ def calibrate_thresholds(
         if statistic == "huber":
             mu, scale = huber_location_scale(values)
             out[name] = mu + z * scale
-            continue
-        values = torch.as_tensor(values).detach().double().reshape(-1)
-        if values.numel() == 0 or not torch.isfinite(values).all():
-            raise ValueError(f"loss component {name!r}: the maximum needs a non-empty finite sample.")
-        out[name] = float(values.max())
+        else:
+            values = torch.as_tensor(values).detach().double().reshape(-1)
+            if values.numel() == 0 or not torch.isfinite(values).all():
+                raise ValueError(f"loss component {name!r}: the maximum needs a non-empty finite sample.")
+            out[name] = float(values.max())
     return out
 
 
@@ -377,9 +377,9 @@ def save_thresholds(
     samples: int | None = None,
     statistic: str | None = None,
 ) -> None:
-    """Write ``thresholds.json`` atomically: ``{"criterion", "thresholds", "z", "model", "split", "samples", ...}``.
+    """Write ``thresholds.json`` atomically (``criterion``, ``thresholds``, ``z``, ``model``, ``split``, ...).
 
-    ``"statistic"`` is added: how loss thresholds were computed.
+    The file also records ``samples`` and ``statistic`` (how loss thresholds were computed).
 
     Args:
         path: the file to write.

@@ -139,6 +139,13 @@ def test_calibration_and_thresholds_file(tmp_path):
         mu, s = huber_location_scale(v)
         assert thr[k] == pytest.approx(mu + 2 * s)
         assert float(v.mean()) < thr[k] < float(v.max()) + 1
+    # the authors' detection statistic: each component's largest loss
+    largest = {k: pytest.approx(float(v.max())) for k, v in losses.items()}
+    assert calibrate_thresholds(losses, statistic="max") == largest
+    with pytest.raises(ValueError, match="statistic"):
+        calibrate_thresholds(losses, statistic="median")
+    with pytest.raises(ValueError, match="'heatmap'"):
+        calibrate_thresholds({"heatmap": [1.0, math.inf]}, statistic="max")
     assert calibrate_dice_tau(torch.tensor([0.9, 0.8, 1.0, 0.2]), torch.tensor([True, True, False, False])) == (
         pytest.approx(0.85)
     )

@@ -358,13 +358,12 @@ def _frontier_distance(amat: _Scores, points: Sequence[_Scores], lower_is_better
     AMAT's clean value are interpolated between the two points around it, or taken from the end point when AMAT's
     clean value lies outside their range (``"inside": False``).
     """
-    points = sorted(points, key=lambda p: p.clean)
-    right = next((i for i, p in enumerate(points) if p.clean >= amat.clean), len(points) - 1)
-    left = max(right - 1, 0)
-    lo, hi = points[left], points[right]
-    inside = lo.clean <= amat.clean <= hi.clean
-    w = (amat.clean - lo.clean) / (hi.clean - lo.clean) if inside and hi.clean > lo.clean else float(right > 0)
-    w = min(max(w, 0.0), 1.0)
+    below = sorted((p for p in points if p.clean <= amat.clean), key=lambda p: p.clean)
+    above = sorted((p for p in points if p.clean >= amat.clean), key=lambda p: p.clean)
+    lo = below[-1] if below else above[0]
+    hi = above[0] if above else below[-1]
+    inside = bool(below and above)
+    w = (amat.clean - lo.clean) / (hi.clean - lo.clean) if hi.clean > lo.clean else 0.0
     auc, auc_sd = lo.auc + w * (hi.auc - lo.auc), lo.auc_sd + w * (hi.auc_sd - lo.auc_sd)
     combined_sd = math.hypot(amat.auc_sd, auc_sd)
     gain = _gain(amat.auc, auc, lower_is_better)
