@@ -26,7 +26,7 @@ from monai_amat.data.msd import (
     split_cases,
 )
 from monai_amat.data.samplers import ForegroundOversampler, foreground_flags
-from monai_amat.data.synthetic import make_embedded_bccd, make_embedded_isbi2015, make_embedded_msd
+from monai_amat.data.synthetic import make_crowded_nuclei, make_embedded_bccd, make_embedded_isbi2015, make_embedded_msd
 from monai_amat.data.utils import add_sample_index
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "BCCD_SPLITS",
     "bccd_datalist",
     "find_bccd_root",
+    "make_crowded_nuclei",
     "make_embedded_bccd",
     "read_voc_annotation",
     "bccd_sets",

@@ -178,12 +178,18 @@ def _embedded_image(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Im
     return pil.filter(ImageFilter.GaussianBlur(max(0.5, 0.8 * scale))), objects
 
 
-def _write_voc(path: Path, filename: str, size: tuple[int, int], objects: list[tuple[str, list]]) -> None:
-    """Write a VOC annotation laid out as BCCD's (tab indents, no XML declaration)."""
+def _write_voc(
+    path: Path,
+    filename: str,
+    size: tuple[int, int],
+    objects: list[tuple[str, list]],
+    database: str = "Synthetic (monai_amat.data.make_embedded_bccd)",
+) -> None:
+    """Write a VOC annotation laid out as BCCD's (tab indents, no XML declaration), naming ``database`` as source."""
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = _IMAGES
     ET.SubElement(root, "filename").text = filename
-    ET.SubElement(ET.SubElement(root, "source"), "database").text = "Synthetic (monai_amat.data.make_embedded_bccd)"
+    ET.SubElement(ET.SubElement(root, "source"), "database").text = database
     size_element = ET.SubElement(root, "size")
     for tag, value in zip(("width", "height", "depth"), (*size, 3)):
         ET.SubElement(size_element, tag).text = str(value)
