@@ -122,6 +122,12 @@ def _voc_folder(tmp_path):
 def test_real_voc_folder_with_faults(tmp_path):
     real, faulty = _voc_folder(tmp_path)
     common = dict(data_source="real", dataset_dir=str(real.parent), **detection_tiny(tmp_path))
+    # real data has no default thresholds: AMAT without a calibration is refused, naming the file, nothing written
+    with pytest.raises(Exception) as info:
+        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o0"), **common)
+    assert common["thresholds_file"] in chain(info) and "calibrate.json" in chain(info)
+    assert not (tmp_path / "o0" / "checkpoint.pt").exists()
+    common["default_thresholds"] = {"classification": 0.5, "box_regression": 0.5}
     with pytest.warns(UserWarning, match=faulty.name) as warned:
         run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o"), **common)
     messages = " ".join(str(w.message) for w in warned)

@@ -343,29 +343,38 @@ def load_tau(path: str | os.PathLike, default: float | None) -> float:
     return float(data["thresholds"]["tau"])
 
 
-def load_loss_thresholds(path: str | os.PathLike, default: Mapping[str, float]) -> dict[str, float]:
+def load_loss_thresholds(path: str | os.PathLike, default: Mapping[str, float] | None) -> dict[str, float]:
     """Loss-component thresholds from ``thresholds.json``, or ``default`` (with a warning) when there is none.
 
     Args:
         path: the thresholds file written by ``calibrate.json``.
-        default: ``{component: threshold}`` to use without a calibration.
+        default: ``{component: threshold}`` to use without a calibration; None where no default fits (real data:
+            thresholds that do not match the model's losses make every sample "wrong", or "correct", from the
+            start, and the margins never adapt), so a calibration is required.
 
     Returns:
         ``{component: threshold}``.
 
     Raises:
+        FileNotFoundError: when the file is missing and there is no default.
         ValueError: when the file lacks a component of ``default``.
     """
     if not Path(path).is_file():
+        if default is None:
+            raise FileNotFoundError(
+                f"{path} not found, and this configuration has no default loss thresholds (default_thresholds is "
+                "null, as for real data): run train_std.json and calibrate.json with the same configs first, or "
+                "set --default_thresholds."
+            )
         warnings.warn(
             f"{path} not found: using default loss thresholds {dict(default)} (run calibrate.json).", stacklevel=2
         )
         return {k: float(v) for k, v in default.items()}
     thresholds = load_thresholds(path)["thresholds"]
-    missing = [k for k in default if k not in thresholds]
+    missing = [k for k in (default or {}) if k not in thresholds]
     if missing:
         raise ValueError(f"{path}: thresholds lack {missing}.")
-    return {k: float(thresholds[k]) for k in default}
+    return {k: float(v) for k, v in thresholds.items() if default is None or k in default}
 
 
 def load_model(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
