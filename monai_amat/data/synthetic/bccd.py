@@ -108,14 +108,16 @@ def _place(
             added += 1
 
 
-def _paint(image: np.ndarray, cell: _Cell, grain: np.ndarray, rng: np.random.Generator) -> list[int] | None:
-    """Paint ``cell`` onto ``image`` ``(height, width, 3)`` float in place.
+def _footprint(
+    cell: _Cell, h: int, w: int
+) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray, np.ndarray, list[int]] | None:
+    """Where ``cell`` lies in an image of ``h x w`` pixels.
 
     Returns:
-        The tight box ``[xmin, ymin, xmax, ymax]`` (pixel edges) of the painted pixels, or ``None`` when none is in
-        the image.
+        ``((y0, y1, x0, x1), xs, ys, rho, box)``: the window around the cell, its pixel coordinates, the normalised
+        radius there (below 1 inside) and the tight box ``[xmin, ymin, xmax, ymax]`` (pixel edges) of the inside
+        pixels; ``None`` when none of them is in the image.
     """
-    h, w = image.shape[:2]
     reach = cell.reach + 1.0
     x0, x1 = max(int(np.floor(cell.cx - reach)), 0), min(int(np.ceil(cell.cx + reach)) + 1, w)
     y0, y1 = max(int(np.floor(cell.cy - reach)), 0), min(int(np.ceil(cell.cy + reach)) + 1, h)
@@ -126,6 +128,22 @@ def _paint(image: np.ndarray, cell: _Cell, grain: np.ndarray, rng: np.random.Gen
     inside = rho < 1.0
     if not inside.any():
         return None
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    box = [x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1]
+    return (y0, y1, x0, x1), xs, ys, rho, box
+
+
+def _paint(image: np.ndarray, cell: _Cell, grain: np.ndarray, rng: np.random.Generator) -> list[int] | None:
+    """Paint ``cell`` onto ``image`` ``(height, width, 3)`` float in place.
+
+    Returns:
+        The tight box ``[xmin, ymin, xmax, ymax]`` (pixel edges) of the painted pixels, or ``None`` when none is in
+        the image.
+    """
+    found = _footprint(cell, image.shape[0], image.shape[1])
+    if found is None:
+        return None
+    (y0, y1, x0, x1), xs, ys, rho, box = found
     alpha = np.clip((1.0 - rho) * min(cell.rx, cell.ry), 0.0, 1.0)[..., None]
     texture = grain[y0:y1, x0:x1, None]
     if cell.name == "RBC":
@@ -149,8 +167,7 @@ def _paint(image: np.ndarray, cell: _Cell, grain: np.ndarray, rng: np.random.Gen
         colour = np.array([146.0, 94.0, 172.0]) + rng.normal(0.0, 6.0, 3) + 12.0 * texture
     window = image[y0:y1, x0:x1]
     window += alpha * (colour - window)
-    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-    return [x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1]
+    return box
 
 
 def _embedded_image(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Image, list[tuple[str, list]]]:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from monai_amat.data.bccd import _ANNOTATIONS, _IMAGES, _MIN_IMAGES, _MIN_SIZE, _SPLIT_DIR
-from monai_amat.data.synthetic.bccd import _random_cell, _split_stems, _write_voc
+from monai_amat.data.synthetic.bccd import _footprint, _random_cell, _split_stems, _write_voc
 from monai_amat.data.utils import generate_once, smooth_noise
 
 __all__ = ["NUCLEUS", "make_crowded_nuclei"]
@@ -45,21 +45,15 @@ def _nuclei_image(
     image = 18.0 + 6.0 * smooth_noise(rng, (h, w), 0.1 * h)
     objects = []
     for cell in cells:
-        reach = cell.reach + 1.0
-        x0, x1 = max(int(np.floor(cell.cx - reach)), 0), min(int(np.ceil(cell.cx + reach)) + 1, w)
-        y0, y1 = max(int(np.floor(cell.cy - reach)), 0), min(int(np.ceil(cell.cy + reach)) + 1, h)
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
-        rho = cell.rho(xs, ys)
-        inside = rho < 1.0
-        if not inside.any():
+        found = _footprint(cell, h, w)
+        if found is None:
             continue
+        (y0, y1, x0, x1), _, _, rho, box = found
         alpha = np.clip((1.0 - rho) * min(cell.rx, cell.ry), 0.0, 1.0)
         brightness = rng.uniform(110.0, 220.0)
         value = brightness * (0.75 + 0.25 * np.sqrt(np.clip(1.0 - rho, 0.0, 1.0))) + 14.0 * grain[y0:y1, x0:x1]
         window = image[y0:y1, x0:x1]
         np.maximum(window, alpha * value + (1.0 - alpha) * window, out=window)
-        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-        box = [x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1]
         objects.append((NUCLEUS, box))
     image = image + rng.normal(0.0, 4.0, image.shape)
     grey = np.round(np.clip(image, 0, 255)).astype(np.uint8)
