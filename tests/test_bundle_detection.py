@@ -151,6 +151,11 @@ def test_real_voc_folder_with_faults(tmp_path):
             **common,
         )
     assert (tmp_path / "o3" / "model.pt").is_file()
+    with pytest.raises(Exception) as info:  # label 3 with three class_names: refused before anything is trained
+        wrong = {**class_map, "Neutrophil": 3}
+        run(config_file=configs(BUNDLE, "train"), output_dir=str(tmp_path / "o5"), **{**common, "class_map": wrong})
+    assert "class_map" in chain(info) and "'Neutrophil': 3" in chain(info) and "class_names" in chain(info)
+    assert not (tmp_path / "o5").exists() or not any((tmp_path / "o5").iterdir())
 
     (real / "JPEGImages" / faulty.with_suffix(".jpg").name).unlink()
     with pytest.raises(Exception) as info:

@@ -1,13 +1,16 @@
 import warnings
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
+from monai.bundle import ConfigParser
 from PIL import Image
 
 from monai_amat.data import bccd_datalist, make_crowded_nuclei
 from monai_amat.data.synthetic.nuclei import NUCLEUS
 
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 NUM = 12
 SIZE = (256, 256)
 CLASS_MAP = {NUCLEUS: 0}
@@ -58,6 +61,17 @@ def test_crowded_small_touching_objects(nuclei):
     assert min(counts) >= 20 and max(counts) <= 125 and max(counts) > 80
     assert 5 <= min(sides) and max(sides) <= 32 and 12 < np.mean(sides) < 25
     assert touching > 0.3 * sum(counts)
+
+
+def test_bundle_reads_it_from_class_names_alone(nuclei):
+    """`--class_names "['nucleus']"` is all the detection bundle needs: its class_map follows the names."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "bccd_cell_detection_amat" / "configs" / "train.json"))
+    parser.update({"data_source": "real", "dataset_dir": str(nuclei), "class_names": [NUCLEUS]})
+    data = parser.get_parsed_content("data")
+    assert [len(data[s]) for s in ("train", "val", "test")] == [8, 2, 2]
+    assert {int(v) for item in data["train"] for v in item["labels"]} == {0}
+    assert parser.get_parsed_content("network_def#num_classes") == 1
 
 
 def test_deterministic_and_checked(nuclei, tmp_path):

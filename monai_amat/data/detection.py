@@ -28,6 +28,7 @@ def bccd_sets(
     embedded_size: Sequence[int] = (320, 240),
     seed: int = 0,
     class_map: Mapping[str, int] | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """The BCCD splits (``ImageSets/Main/{train,val,test}.txt``) of the real data or of the embedded set.
 
@@ -39,15 +40,24 @@ def bccd_sets(
         embedded_size: ``(width, height)`` of the embedded images.
         seed: seeds the embedded set.
         class_map: class name to label (default RBC 0, WBC 1, Platelets 2).
+        num_classes: the network's number of classes; every label of ``class_map`` must be below it.
 
     Returns:
         ``{"train", "val", "test"}`` datalists (see :py:func:`monai_amat.data.bccd_datalist`); training items carry
         an ``"index"``.
 
     Raises:
-        ValueError: for an unknown ``data_source`` or a missing folder argument, or a training split without any
-            box; :py:func:`monai_amat.data.bccd_datalist`'s errors for bad files.
+        ValueError: for an unknown ``data_source`` or a missing folder argument, a ``class_map`` label outside
+            ``0 .. num_classes - 1``, or a training split without any box; :py:func:`monai_amat.data.bccd_datalist`'s
+            errors for bad files.
     """
+    if num_classes is not None and class_map is not None:
+        outside = {name: label for name, label in class_map.items() if not 0 <= int(label) < num_classes}
+        if outside:
+            raise ValueError(
+                f"class_map labels {outside} are outside 0..{num_classes - 1}: the network has {num_classes} classes "
+                "(`class_names`); give one name per label in `class_names`."
+            )
     root = data_root(
         data_source,
         dataset_dir,
