@@ -1,3 +1,3 @@
-from monai_amat.networks.detection import ResNetFPN, retinanet_detector
+from monai_amat.networks.detection import FocalLossPerPositive, ResNetFPN, retinanet_detector
 
-__all__ = ["ResNetFPN", "retinanet_detector"]
+__all__ = ["FocalLossPerPositive", "ResNetFPN", "retinanet_detector"]

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 import torch
 from monai.apps.detection.networks import retinanet_detector as _retinanet_detector
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.losses.focal_loss import sigmoid_focal_loss
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from monai.networks.nets.resnet import ResNet
 from monai.utils import optional_import
 from torch import nn
 
-__all__ = ["ResNetFPN", "retinanet_detector"]
+__all__ = ["FocalLossPerPositive", "ResNetFPN", "retinanet_detector"]
 
 
 def _torchvision_free() -> None:
@@ -106,6 +107,37 @@ class ResNetFPN(nn.Module):
         return self.fpn(features)
 
 
+class FocalLossPerPositive(nn.Module):
+    """The RetinaNet paper's classification loss: sigmoid focal loss summed over all anchors, over the positives.
+
+    MONAI's ``FocalLoss`` averages over all elements (or sums), so its value falls with the number of anchors; the
+    RetinaNet paper (Lin et al., 2017) divides the sum by the number of anchors assigned to a box, which keeps the
+    loss of an image on the same scale however many anchors and objects it has. The focal term itself is MONAI's
+    ``sigmoid_focal_loss``.
+
+    Args:
+        gamma: focusing parameter.
+        alpha: weight of the positives (``1 - alpha`` for the negatives).
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.25) -> None:
+        super().__init__()
+        self.gamma, self.alpha = float(gamma), float(alpha)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of these anchors.
+
+        Args:
+            logits: ``(N, classes)`` classification logits of ``N`` anchors.
+            target: ``(N, classes)`` one-hot targets (all zero for a background anchor).
+
+        Returns:
+            The summed focal loss over the number of positive anchors (at least 1).
+        """
+        positives = target.sum().clamp(min=1)
+        return sigmoid_focal_loss(logits, target, self.gamma, self.alpha).sum() / positives
+
+
 def retinanet_detector(
     network: nn.Module,
     anchor_generator: nn.Module,
@@ -118,13 +150,17 @@ def retinanet_detector(
     topk_candidates_per_level: int = 1000,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
+    cls_loss: str = "bce",
     box_key: str = "boxes",
     label_key: str = "labels",
 ) -> RetinaNetDetector:
     """A MONAI ``RetinaNetDetector`` set up for training and inference without torchvision.
 
-    Matching is MONAI's ATSS (``set_atss_matcher``), sampling MONAI's hard negative sampler
-    (``set_hard_negative_sampler``); the box selector keeps boxes above ``score_thresh`` after non-maximum
+    Matching is MONAI's ATSS (``set_atss_matcher``). The classification loss is either MONAI's default, binary
+    cross-entropy over anchors drawn by its hard negative sampler (``cls_loss="bce"``, ``set_hard_negative_sampler``),
+    or the RetinaNet paper's focal loss over every anchor (``cls_loss="focal"``, :py:class:`FocalLossPerPositive`,
+    no sampler). On crowded images, where many unmatched anchors overlap an object, the hard negatives are mostly such
+    near-duplicates of positives and the sampled loss can stall; the focal loss weighs them down instead. The box selector keeps boxes above ``score_thresh`` after non-maximum
     suppression at ``nms_thresh``. Spatial dimensions, classes and ``size_divisible`` are the network's.
 
     Args:
@@ -139,22 +175,32 @@ def retinanet_detector(
         topk_candidates_per_level: candidates per level before suppression.
         nms_thresh: IoU of non-maximum suppression.
         detections_per_img: most boxes returned per image.
+        cls_loss: ``"bce"`` (sampled binary cross-entropy) or ``"focal"`` (focal loss over all anchors); the sampler
+            arguments apply to ``"bce"`` only.
         box_key: the targets' box key.
         label_key: the targets' label key.
 
     Returns:
         The configured detector (its ``network`` is ``network``).
+
+    Raises:
+        ValueError: when ``cls_loss`` is neither ``"bce"`` nor ``"focal"``.
     """
+    if cls_loss not in ("bce", "focal"):
+        raise ValueError(f"cls_loss must be 'bce' or 'focal', got {cls_loss!r}.")
     _torchvision_free()
     detector = RetinaNetDetector(network=network, anchor_generator=anchor_generator)
     detector.set_target_keys(box_key=box_key, label_key=label_key)
     detector.set_atss_matcher(num_candidates=atss_candidates, center_in_gt=False)
-    detector.set_hard_negative_sampler(
-        batch_size_per_image=batch_size_per_image,
-        positive_fraction=positive_fraction,
-        min_neg=min_neg,
-        pool_size=pool_size,
-    )
+    if cls_loss == "focal":
+        detector.set_cls_loss(FocalLossPerPositive())
+    else:
+        detector.set_hard_negative_sampler(
+            batch_size_per_image=batch_size_per_image,
+            positive_fraction=positive_fraction,
+            min_neg=min_neg,
+            pool_size=pool_size,
+        )
     detector.set_box_selector_parameters(
         score_thresh=score_thresh,
         topk_candidates_per_level=topk_candidates_per_level,
