@@ -160,8 +160,9 @@ def retinanet_detector(
     cross-entropy over anchors drawn by its hard negative sampler (``cls_loss="bce"``, ``set_hard_negative_sampler``),
     or the RetinaNet paper's focal loss over every anchor (``cls_loss="focal"``, :py:class:`FocalLossPerPositive`,
     no sampler). On crowded images, where many unmatched anchors overlap an object, the hard negatives are mostly such
-    near-duplicates of positives and the sampled loss can stall; the focal loss weighs them down instead. The box selector keeps boxes above ``score_thresh`` after non-maximum
-    suppression at ``nms_thresh``. Spatial dimensions, classes and ``size_divisible`` are the network's.
+    near-duplicates of positives and the sampled loss can stall; the focal loss weighs them down instead. The box
+    selector keeps boxes above ``score_thresh`` after non-maximum suppression at ``nms_thresh``. Spatial dimensions,
+    classes and ``size_divisible`` are the network's.
 
     Args:
         network: the RetinaNet network (``monai.apps.detection.networks.retinanet_network.RetinaNet``).
