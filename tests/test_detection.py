@@ -17,7 +17,7 @@ from monai_amat.criteria import LossThresholdCriterion
 from monai_amat.data import PrepareDetectionBatch, detection_collate
 from monai_amat.losses import PerImageDetectionLoss
 from monai_amat.metrics import DetectionMAP
-from monai_amat.networks import ResNetFPN, retinanet_detector
+from monai_amat.networks import FocalLossPerPositive, ResNetFPN, retinanet_detector
 from monai_amat.transforms import ResizeWithBoxesd, boxes_to_original
 
 SIZE = (64, 48)
@@ -116,6 +116,46 @@ def test_per_image_loss_errors(detector):
         loss(pred, _targets(size=(60, 48)))
     with pytest.raises(ValueError, match="objectness"):
         PerImageDetectionLoss(detector, weights={"objectness": 1.0})
+
+
+def test_focal_loss_is_the_retinanet_papers_sum_over_the_positives():
+    torch.manual_seed(0)
+    logits, target = torch.randn(50, 3), (torch.rand(50, 3) > 0.9).float()
+    p = torch.sigmoid(logits)
+    by_hand = torch.where(target > 0, -0.25 * (1 - p) ** 2 * p.log(), -0.75 * p**2 * (1 - p).log())
+    focal = FocalLossPerPositive()
+    assert torch.allclose(focal(logits, target), by_hand.sum() / target.sum(), atol=1e-6)
+    # an image twice as large with twice the objects has the same loss; easy negatives add almost nothing
+    assert torch.allclose(focal(logits.repeat(2, 1), target.repeat(2, 1)), focal(logits, target), atol=1e-6)
+    easy = torch.cat([logits, torch.full((1000, 3), -12.0)]), torch.cat([target, torch.zeros(1000, 3)])
+    assert torch.allclose(focal(*easy), focal(logits, target), rtol=1e-4)
+    assert focal(torch.full((4, 1), -5.0), torch.zeros(4, 1)) < 1e-3  # no positive: divided by 1, not 0
+
+
+def test_focal_detector_scores_every_anchor_without_a_sampler(detector):
+    """With ``cls_loss="focal"`` an image's classification loss covers all its anchors: no draw, no generator use."""
+    focal = retinanet_detector(detector.network, detector.anchor_generator, cls_loss="focal")
+    assert focal.fg_bg_sampler is None and isinstance(focal.cls_loss_func, FocalLossPerPositive)
+    focal.network.eval()
+    loss = PerImageDetectionLoss(focal)
+    images, targets = torch.rand(3, 3, *SIZE), _targets()
+    with torch.no_grad():
+        out = focal.network(images)
+        first = loss.components(out, targets)["classification"]
+        again = loss.components(out, targets)["classification"]
+    assert torch.equal(first, again)  # nothing is sampled
+    anchors = loss._anchors(out["classification"], SIZE)
+    matched = focal.compute_anchor_matched_idxs(
+        [anchors] * 3, targets, [m.shape[2:].numel() for m in out["classification"]]
+    )
+    logits = torch.cat([m.permute(0, 2, 3, 1).reshape(3, -1, 3) for m in out["classification"]], dim=1)
+    for i in range(3):
+        onehot = torch.zeros_like(logits[i])
+        fg = matched[i] >= 0
+        onehot[fg, targets[i]["labels"][matched[i][fg]]] = 1.0
+        assert torch.allclose(first[i], FocalLossPerPositive()(logits[i], onehot), atol=1e-5)
+    with pytest.raises(ValueError, match="cls_loss"):
+        retinanet_detector(detector.network, detector.anchor_generator, cls_loss="sampled")
 
 
 def test_attack_raises_detection_loss_inside_the_ball_with_frozen_batch_norm(detector):
