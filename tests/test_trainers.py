@@ -278,7 +278,7 @@ def test_monai_compile_flag_trains_exactly_as_without(tmp_path):
     for compiled in (False, True):
         torch.manual_seed(0)
         kwargs = {"compile": True, "compile_kwargs": {"backend": "eager"}} if compiled else {}
-        trainer, handler, net = _amat(tmp_path / str(compiled), n=8, epochs=2, **kwargs)
+        trainer, handler, net = _amat(tmp_path / str(compiled), n=8, epochs=2, tau=None, **kwargs)
         trainer.run()
         assert isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule) == compiled
         runs[compiled] = [p.detach().clone() for p in net.parameters()], handler.margins.clone()
