@@ -270,17 +270,10 @@ class MarginTable:
             state: the saved tensors.
 
         Raises:
-            KeyError: when a tensor is missing; a table of the earlier per-appearance rule (flags ``found`` and
-                ``clean_wrong``) is named as such, since its bookkeeping cannot be translated.
+            KeyError: when a tensor is missing (named in the message).
             ValueError: when the saved table has another number of samples.
         """
         missing = [k for k in ("margins", *BOOKKEEPING) if k not in state]
-        if missing and {"found", "clean_wrong"} <= set(state):
-            raise KeyError(
-                "the margin state was written by the earlier margin rule (one flag per appearance: 'found', "
-                "'clean_wrong'), whose epoch bookkeeping cannot be carried over to the any-appearance rule: start "
-                "the run again (--overwrite True, or another output_dir)."
-            )
         if missing:
             raise KeyError(f"margin state is missing {missing}.")
         size = int(torch.as_tensor(state["margins"]).numel())

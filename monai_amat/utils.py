@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Any
 
 import torch
@@ -23,8 +20,6 @@ __all__ = [
     "is_rank0",
     "rank_world",
     "root_cause",
-    "moved_module",
-    "moved_name",
     "plain_tensor",
     "is_ddp",
 ]
@@ -160,50 +155,6 @@ def root_cause(error: BaseException) -> str:
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__  # type: ignore[assignment]
     return f"{type(error).__name__}: {error}"
-
-
-def moved_module(old: str, new: str) -> ModuleType:
-    """The module now at ``new``, for the one-line module left at its old path ``old``; warns with a ``FutureWarning``.
-
-    The old module puts the result in ``sys.modules[old]``, so ``import old`` and ``from old import name`` keep
-    working for one release.
-
-    Args:
-        old: the old dotted module path.
-        new: the new one.
-
-    Returns:
-        The new module.
-    """
-    warnings.warn(
-        f"{old} moved to {new}; the old import path will be removed in the next release.", FutureWarning, stacklevel=3
-    )
-    return importlib.import_module(new)
-
-
-def moved_name(module: str, name: str, new_module: str, names: tuple[str, ...]) -> Any:
-    """A module ``__getattr__`` for public names that moved: the object from ``new_module``, with a ``FutureWarning``.
-
-    Args:
-        module: the old module (its ``__name__``).
-        name: the attribute asked for.
-        new_module: where the moved names live now.
-        names: the names that moved.
-
-    Returns:
-        ``new_module.name``.
-
-    Raises:
-        AttributeError: when ``name`` is not one of ``names``.
-    """
-    if name not in names:
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    warnings.warn(
-        f"{module}.{name} moved to {new_module}; the old import path will be removed in the next release.",
-        FutureWarning,
-        stacklevel=3,
-    )
-    return getattr(importlib.import_module(new_module), name)
 
 
 def plain_tensor(t: torch.Tensor) -> torch.Tensor:

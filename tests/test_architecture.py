@@ -55,37 +55,9 @@ def test_engines_and_handlers_keep_to_their_floors():
 
 
 def test_only_the_applications_import_the_applications():
-    """``monai_amat.apps`` is the top floor; the shims left at the old paths are its only importers below it."""
-    shims = {"bundle.py", "compare.py", "demo.py", "distributed.py"}
-    below = [p for p in PACKAGE.rglob("*.py") if "apps" not in p.relative_to(PACKAGE).parts and p.name not in shims]
+    """``monai_amat.apps`` is the top floor: nothing below it imports it."""
+    below = [p for p in PACKAGE.rglob("*.py") if "apps" not in p.relative_to(PACKAGE).parts]
     assert len(below) > 20
     for path in below:
         bad = {m for m in _imports(path) if m.startswith("monai_amat.apps")}
         assert not bad, (path.relative_to(PACKAGE), bad)
-
-
-def test_moved_modules_keep_their_old_paths_for_one_release():
-    import importlib
-    import subprocess
-    import sys
-
-    import pytest
-
-    for old, new in (("bundle", "apps.bundle"), ("distributed", "apps.distributed"), ("compare", "apps.compare")):
-        sys.modules.pop(f"monai_amat.{old}", None)
-        with pytest.warns(FutureWarning, match=rf"monai_amat\.{old} moved to monai_amat\.{new}"):
-            module = importlib.import_module(f"monai_amat.{old}")
-        assert module is importlib.import_module(f"monai_amat.{new}")
-    from monai_amat.data import synthetic
-
-    for reader in ("msd", "isbi2015", "bccd"):
-        module = importlib.import_module(f"monai_amat.data.{reader}")
-        name = f"make_embedded_{reader}"
-        with pytest.warns(FutureWarning, match=rf"data\.{reader}\.{name} moved to monai_amat\.data\.synthetic"):
-            assert getattr(module, name) is getattr(synthetic, name)
-    with pytest.raises(AttributeError, match="no attribute 'make_embedded_other'"):
-        module.make_embedded_other  # noqa: B018
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai_amat.compare", "--help"], capture_output=True, text=True, check=True
-    )
-    assert proc.stdout.startswith("usage: python -m monai_amat.apps.compare") and "FutureWarning" in proc.stderr

@@ -134,12 +134,7 @@ def test_margins_identical_across_two_gloo_ranks(tmp_path):
     assert m0.tolist() == [2.0, 0.75, 0.875, 0.625, 2.0, 2.0]
 
 
-def test_the_old_key_names_still_import_with_a_warning():
-    from monai_amat.keys import AttackEvents, AttackKeys
+def test_attack_keys_are_plain_string_keys():
+    from monai_amat.keys import AttackKeys
 
-    with pytest.warns(FutureWarning, match="monai_amat.engines.AdversarialKeys is deprecated.*AttackKeys"):
-        from monai_amat.engines import AdversarialKeys
-    with pytest.warns(FutureWarning, match="monai_amat.engines.utils.AdversarialEvents is deprecated"):
-        from monai_amat.engines.utils import AdversarialEvents
-    assert AdversarialKeys is AttackKeys and AdversarialEvents is AttackEvents
     assert AttackKeys.INDEX == "index" and {"index": 1}[AttackKeys.INDEX] == 1  # a StrEnum: plain string keys

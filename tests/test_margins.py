@@ -131,9 +131,8 @@ def test_margin_table_errors_and_state():
     assert all(torch.equal(a, b) for a, b in zip(t.state_dict().values(), u.state_dict().values()))
     with pytest.raises(ValueError, match="margins for 3 samples but this table has 4"):
         MarginTable(4, delta=1.0).load_state_dict(t.state_dict())
-    old = {"margins": t.margins, "estimate": t.boundary_estimate, "seen": t.seen}
-    old.update(found=t.seen, clean_wrong=t.seen)
+    partial = {"margins": t.margins, "estimate": t.boundary_estimate, "seen": t.seen}
     fresh = MarginTable(3, delta=2.0)
-    with pytest.raises(KeyError, match="earlier margin rule"):
-        fresh.load_state_dict(old)
+    with pytest.raises(KeyError, match="margin state is missing"):
+        fresh.load_state_dict(partial)
     assert fresh.margins.tolist() == [2.0, 2.0, 2.0]  # nothing half-loaded

@@ -97,11 +97,10 @@ def test_embedded_msd_deterministic_and_idempotent(tmp_path):
     make_embedded_msd(tmp_path / "a", "Task05_Prostate", num_cases=3, shape=SHAPE)  # another size replaces it
     assert len(read_msd(a.root).cases) == 3
     assert sorted(os.listdir(tmp_path / "a")) == ["Task05_Prostate"]
-    (a.root / "embedded.json").unlink()  # as an earlier version left it: marked in dataset.json only
-    (a.root / "imagesTr" / "stale.nii.gz").write_bytes(b"")
-    make_embedded_msd(tmp_path / "a", "Task05_Prostate", num_cases=2, shape=SHAPE)
-    assert (a.root / "embedded.json").is_file() and not (a.root / "imagesTr" / "stale.nii.gz").exists()
-    assert len(read_msd(a.root).cases) == 2
+    (a.root / "embedded.json").unlink()  # without its marker the folder is not known to be synthetic: kept
+    with pytest.raises(FileExistsError, match="Task05_Prostate"):
+        make_embedded_msd(tmp_path / "a", "Task05_Prostate", num_cases=2, shape=SHAPE)
+    assert len(read_msd(a.root).cases) == 3
 
 
 def test_embedded_msd_refuses_unknown_task_and_foreign_folder(tmp_path):

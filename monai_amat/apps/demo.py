@@ -1,6 +1,6 @@
 """A small end-to-end run on MONAI's synthetic 2D segmentation data: STD, SAT and AMAT, then robust evaluation.
 
-``python -m monai_amat.demo --output_dir runs/demo`` trains a standard model, calibrates the Dice threshold from
+``python -m monai_amat.apps.demo --output_dir runs/demo`` trains a standard model, calibrates the Dice threshold from
 it (``thresholds.json``), trains AMAT and SAT with that criterion, evaluates all three under PGD at every eps
 (``<model>/robustness.json`` and ``.png``) and writes a comparison table (``comparison.md``) and plot
 (``comparison.png``). It needs no data download and finishes in a few minutes on a 2-core CPU.

@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from monai_amat.data.utils import find_nested_root
-from monai_amat.utils import moved_name
 
 __all__ = [
     "BCCD_CLASSES",
@@ -257,8 +256,3 @@ def bccd_datalist(
 
 
 # Cell diameters in pixels of the real 640 x 480 images.
-
-
-def __getattr__(name: str) -> Any:
-    """``make_embedded_bccd`` moved to :py:mod:`monai_amat.data.synthetic`; importable from here for one release."""
-    return moved_name(__name__, name, "monai_amat.data.synthetic.bccd", ("make_embedded_bccd",))

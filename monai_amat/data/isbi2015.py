@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 from monai_amat.data.utils import embedded_meta, find_nested_root, split_by_position
-from monai_amat.utils import moved_name
 
 __all__ = [
     "NUM_LANDMARKS",
@@ -285,8 +284,3 @@ def isbi2015_split(datalist: Sequence[Mapping[str, Any]]) -> dict[str, list]:
         stacklevel=2,
     )
     return split
-
-
-def __getattr__(name: str) -> Any:
-    """``make_embedded_isbi2015`` moved to :py:mod:`monai_amat.data.synthetic`; importable from here for one release."""
-    return moved_name(__name__, name, "monai_amat.data.synthetic.isbi2015", ("make_embedded_isbi2015",))

@@ -11,7 +11,6 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import nibabel as nib
@@ -19,7 +18,7 @@ import numpy as np
 from monai.apps import DecathlonDataset, download_url, extractall
 from monai.utils import optional_import
 
-from monai_amat.utils import moved_name, read_json
+from monai_amat.utils import read_json
 
 __all__ = ["MSD_TASKS", "MSDDataset", "prepare_msd", "read_msd", "check_case", "split_cases"]
 
@@ -256,8 +255,3 @@ def split_cases(cases: list, num_folds: int = 5, fold: int = 1, seed: int = 0) -
             held, train = [], held
     num_val = max(round(len(held) / 3), 1) if len(held) >= 2 else 0
     return train, held[:num_val], held[num_val:]
-
-
-def __getattr__(name: str) -> Any:
-    """``make_embedded_msd`` moved to :py:mod:`monai_amat.data.synthetic`; importable from here for one release."""
-    return moved_name(__name__, name, "monai_amat.data.synthetic.msd", ("make_embedded_msd",))

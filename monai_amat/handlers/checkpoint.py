@@ -155,7 +155,11 @@ class TrainingCheckpoint:
                     "it comes from another bundle or data set; use another output_dir."
                 )
         saved = meta.get("settings", {})
-        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in self.settings.items() if k in saved and saved[k] != v]
+        changed = [
+            f"{k}: {saved[k]!r} -> {v!r}" if k in saved else f"{k}: (not recorded) -> {v!r}"
+            for k, v in self.settings.items()
+            if k not in saved or saved[k] != v
+        ]
         if changed:
             raise ValueError(
                 f"{self.path} was written with other training settings ({'; '.join(changed)}): resume with the "

@@ -239,5 +239,7 @@ class MarginHandler:
             KeyError: when a tensor is missing.
             ValueError: when the checkpoint was made for another number of samples.
         """
+        if "bookkeeping_epoch" not in state_dict:
+            raise KeyError("margin state is missing ['bookkeeping_epoch'].")
         self.table.load_state_dict(state_dict)
-        self._bookkeeping_epoch = int(state_dict.get("bookkeeping_epoch", 0))
+        self._bookkeeping_epoch = int(state_dict["bookkeeping_epoch"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import zlib
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from monai_amat.data.utils import embedded_meta, generate_once, smooth_noise
-from monai_amat.utils import read_json, write_json
+from monai_amat.data.utils import generate_once, smooth_noise
+from monai_amat.utils import write_json
 
 __all__ = ["make_embedded_msd"]
 
@@ -155,8 +154,7 @@ def make_embedded_msd(
 
     Written as the other stand-ins are (:py:func:`monai_amat.data.utils.generate_once`): into a temporary folder
     beside ``root_dir/<task>``, renamed at the end, with ``embedded.json`` recording the parameters. When the folder
-    already holds the same synthetic set, nothing is written; a synthetic set with other parameters (or of an earlier
-    version, which marked it in ``dataset.json``'s description only) is replaced.
+    already holds the same synthetic set, nothing is written; a synthetic set with other parameters is replaced.
 
     Args:
         root_dir: the folder to write ``<task>`` into.
@@ -208,14 +206,6 @@ def make_embedded_msd(
         }
         write_json(folder / "dataset.json", dataset)
 
-    if embedded_meta(task_dir, _GENERATOR) is None and _is_older_embedded(task_dir):
-        shutil.rmtree(task_dir)  # a set of an earlier version, marked by its description only: made again
     meta = {"generator": _GENERATOR, "task": task, "num_cases": num_cases, "seed": seed, "shape": list(shape)}
     meta["appearance"] = {k: spec[k] for k in _APPEARANCE if k in spec}  # a set of other looks is made again
     return generate_once(task_dir, meta, write)
-
-
-def _is_older_embedded(task_dir: Path) -> bool:
-    """Whether ``task_dir`` holds a synthetic set that an earlier version of :py:func:`make_embedded_msd` wrote."""
-    json_path = task_dir / "dataset.json"
-    return json_path.is_file() and str(read_json(json_path).get("description", "")).startswith(_EMBEDDED_MARKER)
