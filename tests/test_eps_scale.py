@@ -5,7 +5,8 @@ import math
 import pytest
 from monai.bundle import ConfigParser
 
-from monai_amat.apps.bundle import check_config, default_eps_scale
+from monai_amat.apps.bundle import default_eps_scale
+from monai_amat.apps.settings import check_config
 from monai_amat.attacks import PerVoxelEpsScale
 from tests.helpers import SEG_BUNDLES, configs, detection_tiny, landmark_tiny, tiny
 

@@ -1,12 +1,10 @@
 """Nothing silent, nothing lost: boolean text overrides, protected output folders, resume settings, named files."""
 
-import glob
 import hashlib
 import json
 import os
 import re
 import stat
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +13,8 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, run
 
-from monai_amat.apps.bundle import BOOL_KEYS, RUN_FILES, as_bool, check_config, load_model
+from monai_amat.apps.bundle import RUN_FILES, load_model
+from monai_amat.apps.settings import BOOL_KEYS, SETTINGS, as_bool, check_config
 from monai_amat.data.segmentation import msd_slices
 from monai_amat.data.synthetic import make_embedded_msd
 from monai_amat.data.utils import move_into_place
@@ -42,18 +41,40 @@ def test_other_boolean_values_are_refused_by_key(text):
         check_config({"masking_checks": text})
 
 
-def test_every_boolean_key_of_every_bundle_is_read_through_as_bool():
-    """A consumer reading ``@resume`` directly would take the text "false" for True."""
-    raw = []
-    for path in glob.glob(str(ROOT / "bundles" / "*" / "configs" / "*.json")):
-        for line in Path(path).read_text().splitlines():
-            if "check_config(" in line or "check_output_dir(" in line:  # they read the raw values through as_bool
-                continue
-            for key in BOOL_KEYS:
-                for m in re.finditer(rf"@{key}(?![\w#])", line):
-                    if not line[: m.start()].endswith("as_bool("):
-                        raw.append((Path(path).relative_to(ROOT), key))
-    assert not raw
+def _strings(tree, path=()):
+    """(path, text) of every string in a parsed config."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _strings(v, (*path, k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _strings(v, (*path, i))
+    elif isinstance(tree, str):
+        yield path, tree
+
+
+def test_every_boolean_key_of_every_bundle_is_read_parsed():
+    """A consumer reading ``@resume`` directly would take the text "false" for True: they read ``@checked[...]``.
+
+    Only the ``settings`` dicts (the input of ``check_config``) and ``check_output_dir`` (which parses its own) read
+    the raw values; every key a config reads from ``checked`` is in the settings of the runs that merge it.
+    """
+    raw, unknown, missing = [], [], []
+    for folder in sorted((ROOT / "bundles").glob("*/configs")):
+        texts = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json") if p.stem != "metadata"}
+        for name, config in texts.items():
+            for path, text in _strings(config):
+                if path[0] in ("settings", "+settings") or "check_output_dir(" in text:
+                    continue
+                raw += [(folder.parent.name, name, key) for key in BOOL_KEYS if re.search(rf"@{key}(?![\w#])", text)]
+            bases = [] if name in ("train", "inference") else ["inference"] if name == "volumetric" else ["train"]
+            for base in bases or [None]:
+                merged = {**texts.get(base, {}).get("settings", {}), **config.get("settings", {})}
+                merged.update(config.get("+settings", {}))
+                unknown += [(folder.parent.name, name, k) for k in merged if k not in SETTINGS and k != "dataset_dir"]
+                read = set(re.findall(r"@checked\['(\w+)'\]", json.dumps(config)))
+                missing += [(folder.parent.name, name, k) for k in sorted(read - set(merged))]
+    assert not raw and not unknown and not missing, (raw, unknown, missing)
 
 
 def _digest(folder, names=None):

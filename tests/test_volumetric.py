@@ -63,7 +63,7 @@ def test_bundle_in_3d_std_calibrate_amat_evaluate_sat_inference(bundle, tmp_path
     # the training budget is the patch's (not the 2D slice's), and a resume must keep the patch and strides
     settings_3d = ckpt["meta"]["settings"]
     assert math.isclose(settings_3d["eps_scale"], voxel_eps_scale([16, 16, 8], _paper_size(bundle)))
-    assert settings_3d["extra"] == {"patch_size": [16, 16, 8], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]]}
+    assert settings_3d["patch_size"] == [16, 16, 8] and settings_3d["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
     exported = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert exported["input_block.conv1.conv.weight"].dim() == 5
 
@@ -245,7 +245,7 @@ def test_a_3d_run_stopped_after_an_epoch_and_resumed_ends_as_the_uninterrupted_r
     assert ckpt["iteration"] == ckpt["epoch_length"]  # one epoch
     with pytest.raises(Exception) as info:
         run(config_file=files, output_dir=str(out), resume=True, **{**settings, "patch_size": [16, 8, 16]})
-    assert re.search(r"training settings \(extra: .*'patch_size': \[16, 16, 8\].* -> .*\[16, 8, 16\]", chain(info))
+    assert re.search(r"training settings \(patch_size: \[16, 16, 8\] -> \[16, 8, 16\]\)", chain(info))
     run(config_file=files, output_dir=str(out), resume=True, **settings)
 
     expected = (tmp_path / "ref" / "margins.csv").read_text()

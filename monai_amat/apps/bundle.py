@@ -1,4 +1,7 @@
-"""Helpers that the bundle configs call: where the bundle lives, config checks, criterion thresholds."""
+"""Helpers that the bundle configs call: where the bundle lives, its output folder, criterion thresholds, models.
+
+The config checks live in :py:mod:`monai_amat.apps.settings`.
+"""
 
 from __future__ import annotations
 
@@ -15,19 +18,16 @@ import torch
 from monai.transforms import LoadImage
 
 from monai_amat.apps import REPOSITORY_BUNDLES
+from monai_amat.apps.settings import as_bool, check_config
 from monai_amat.attacks import voxel_eps_scale
-from monai_amat.criteria import CALIBRATION_STATISTICS, load_thresholds
-from monai_amat.engines.evaluator import check_eps_list
+from monai_amat.criteria import load_thresholds
 from monai_amat.utils import root_cause
 
 __all__ = [
-    "as_bool",
     "bundle_root",
-    "check_config",
     "check_output_dir",
     "default_eps_scale",
     "select_attacks",
-    "EVAL_ATTACKS",
     "load_tau",
     "load_loss_thresholds",
     "load_model",
@@ -37,51 +37,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# the evaluation attacks a bundle may name in ``eval_attacks``
-EVAL_ATTACKS = ("pgd", "apgd", "segpgd")
 # the files by which a folder holds a training run
 RUN_FILES = ("checkpoint.pt", "model.pt", "model_best.pt", "margins.csv")
-# the boolean keys of the bundles: each consumer reads them through :py:func:`as_bool`
-BOOL_KEYS = (
-    "amp",
-    "resume",
-    "overwrite",
-    "skip_non_finite",
-    "oversample_foreground",
-    "sat_start_on_sphere",
-    "margin_refine",
-    "eval_random_start",
-    "eval_start_on_sphere",
-    "breaking_eps",
-    "masking_checks",
-    "strict_inputs",
-    "export_model",
-)
-
-
-def as_bool(value: Any, key: str) -> bool:
-    """A boolean config value, also when it comes from the command line as text.
-
-    ``monai.bundle run --resume false`` gives the string ``"false"``, which Python finds true; every boolean key of
-    the bundles goes through this function instead.
-
-    Args:
-        value: a bool, 0 or 1, or one of ``true/false/yes/no/1/0`` in any case.
-        key: the config key, for the error message.
-
-    Returns:
-        The boolean.
-
-    Raises:
-        ValueError: naming the key and the value when it is none of these.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
-        return value.strip().lower() in ("true", "yes", "1")
-    raise ValueError(f"config key {key!r} = {value!r} is invalid: must be true or false (or yes/no, 1/0).")
 
 
 def check_output_dir(output_dir: str | os.PathLike, resume: Any, overwrite: Any) -> bool:
@@ -188,128 +145,6 @@ def default_eps_scale(
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
     spatial = voxel_eps_scale(spatial_size, paper_spatial_size) if embedded else 1.0
     return spatial * math.sqrt(channels / paper_channels)
-
-
-def check_config(values: Mapping[str, Any]) -> bool:
-    """Check a bundle's settings before anything runs; errors name the config key.
-
-    Known keys (others are ignored): ``epochs`` (integer >= 1), ``delta`` (> 0), ``max_margin`` (>= delta),
-    ``margin_floor`` (in [0, max_margin]), ``beta`` (in [0, 1]), ``sat_eps`` (>= 0), ``sat_eps_list`` and
-    ``eps_list`` (ascending, >= 0), ``train_attack_steps`` /
-    ``attack_steps`` (integer >= 1), ``train_alpha`` / ``eval_alpha`` (> 0), ``norm`` (``"l2"`` or ``"linf"``),
-    ``batch_size`` (integer >= 1), ``learning_rate`` (> 0), ``data_source`` (``"embedded"`` or ``"real"``;
-    ``"real"`` needs ``dataset_dir``), ``eps_scale`` (> 0, or a callable giving each input's factor such as
-    :py:class:`monai_amat.attacks.PerVoxelEpsScale`; logged, since it multiplies every eps-like key),
-    ``calibration_split`` (``"train"`` or ``"val"``), ``calibration_z`` (finite),
-    ``calibration_statistic`` (``"huber"`` or ``"max"``), ``seed`` / ``data_seed`` (integer
-    >= 0), ``embedded_cases`` (integer >= 1), ``default_tau`` (in [0, 1], or None: no default, a calibration is
-    required), ``spatial_size`` (integers >= 1,
-    multiples of ``spatial_multiple`` when given: what the network's strides need), ``patch_size`` (integers >= 1,
-    per axis a multiple of the product of ``strides``, the network's per-level strides, each a number or one per
-    axis), :py:data:`BOOL_KEYS` (booleans, also as text: :py:func:`as_bool`), ``amp_dtype`` (``"float16"`` or
-    ``"bfloat16"``: the autocast type with ``amp``), ``eval_attacks`` (distinct names from :py:data:`EVAL_ATTACKS`;
-    whether the bundle defines each is checked by :py:func:`select_attacks`).
-
-    Args:
-        values: ``{config key: value}``.
-
-    Returns:
-        True, so configs can use it in an ``initialize`` expression.
-
-    Raises:
-        ValueError: naming the first bad key and its value.
-    """
-
-    def bad(key: str, rule: str) -> ValueError:
-        return ValueError(f"config key {key!r} = {values[key]!r} is invalid: {rule}.")
-
-    def number(key: str) -> float:
-        v = values[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            raise bad(key, "must be a number")
-        return float(v)
-
-    for key in ("epochs", "train_attack_steps", "attack_steps", "batch_size", "embedded_cases"):
-        if key in values and (number(key) != int(values[key]) or values[key] < 1):
-            raise bad(key, "must be an integer >= 1")
-    for key in ("seed", "data_seed"):
-        if key in values and (number(key) != int(values[key]) or values[key] < 0):
-            raise bad(key, "must be an integer >= 0")
-    if values.get("default_tau") is not None and not 0 <= number("default_tau") <= 1:
-        raise bad("default_tau", "must be a Dice value in [0, 1]")
-    if "spatial_size" in values:
-        size, multiple = values["spatial_size"], int(values.get("spatial_multiple", 1))
-        if (
-            isinstance(size, str)
-            or not isinstance(size, Sequence)
-            or not size
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
-        ):
-            raise bad("spatial_size", "must be a list of integers >= 1, e.g. [64, 64]")
-        if any(v % multiple for v in size):
-            nearest = [max(multiple, v // multiple * multiple) for v in size]
-            raise bad("spatial_size", f"the network's strides need multiples of {multiple}, e.g. {nearest}")
-    if "patch_size" in values:
-        size = values["patch_size"]
-        if isinstance(size, str) or not isinstance(size, Sequence) or not size:
-            raise bad("patch_size", "must be a list of integers >= 1, e.g. [64, 64, 32]")
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
-            raise bad("patch_size", "must be a list of integers >= 1, e.g. [64, 64, 32]")
-        levels = [s if isinstance(s, Sequence) else [s] * len(size) for s in values.get("strides", [])]
-        multiples = [math.prod(level[d] for level in levels) for d in range(len(size))]
-        if any(v % m for v, m in zip(size, multiples)):
-            nearest = [max(m, v // m * m) for v, m in zip(size, multiples)]
-            raise bad("patch_size", f"the network's strides need multiples of {multiples}, e.g. {nearest}")
-    for key in ("delta", "train_alpha", "eval_alpha", "learning_rate", "eps_scale"):
-        if key == "eps_scale" and callable(values.get(key)):
-            continue
-        if key in values and not (number(key) > 0 and math.isfinite(values[key])):
-            raise bad(key, "must be finite and > 0")
-    if "max_margin" in values and not number("max_margin") >= values.get("delta", 0):
-        raise bad("max_margin", f"must be >= delta ({values.get('delta')})")
-    if "margin_floor" in values and not 0 <= number("margin_floor") <= values.get("max_margin", math.inf):
-        raise bad("margin_floor", f"must be in [0, max_margin ({values.get('max_margin', math.inf)})]")
-    if "beta" in values and not 0 <= number("beta") <= 1:
-        raise bad("beta", "must be in [0, 1]")
-    if "sat_eps" in values and not (number("sat_eps") >= 0 and math.isfinite(values["sat_eps"])):
-        raise bad("sat_eps", "must be finite and >= 0")
-    for key in ("eps_list", "sat_eps_list"):
-        if key in values:
-            if not isinstance(values[key], Sequence) or isinstance(values[key], str):
-                raise bad(key, "must be a list of numbers")
-            check_eps_list(values[key], name=f"config key {key!r}")
-    if "norm" in values and str(values["norm"]).lower() not in ("l2", "linf"):
-        raise bad("norm", "must be 'l2' or 'linf'")
-    for key in BOOL_KEYS:
-        if key in values:
-            as_bool(values[key], key)
-    if "eval_attacks" in values:
-        names = values["eval_attacks"]
-        if isinstance(names, str) or not isinstance(names, Sequence) or not names or len(set(names)) != len(names):
-            raise bad("eval_attacks", f"must be a non-empty list of distinct names from {list(EVAL_ATTACKS)}")
-        unknown = [n for n in names if n not in EVAL_ATTACKS]
-        if unknown:
-            raise bad("eval_attacks", f"unknown attack(s) {unknown}; known: {list(EVAL_ATTACKS)}")
-    if "amp_dtype" in values and values["amp_dtype"] not in ("float16", "bfloat16"):
-        raise bad("amp_dtype", "must be 'float16' or 'bfloat16'")
-    if "calibration_split" in values and values["calibration_split"] not in ("train", "val"):
-        raise bad("calibration_split", "must be 'train' or 'val'")
-    if "calibration_z" in values and not math.isfinite(number("calibration_z")):
-        raise bad("calibration_z", "must be a finite number")
-    if "calibration_statistic" in values and values["calibration_statistic"] not in CALIBRATION_STATISTICS:
-        raise bad("calibration_statistic", f"must be one of {list(CALIBRATION_STATISTICS)}")
-    if "eps_scale" in values:
-        scale = values["eps_scale"]
-        logger.info(
-            f"eps_scale = {scale if callable(scale) else format(scale, '.4g')}: delta, max_margin, sat_eps and "
-            "eps_list are in the paper's units; the attacks use them times eps_scale."
-        )
-    if "data_source" in values:
-        if values["data_source"] not in ("embedded", "real"):
-            raise bad("data_source", "must be 'embedded' or 'real'")
-        if values["data_source"] == "real" and not values.get("dataset_dir"):
-            raise ValueError("config key 'dataset_dir' must name the data set folder when data_source is 'real'.")
-    return True
 
 
 def load_tau(path: str | os.PathLike, default: float | None) -> float:

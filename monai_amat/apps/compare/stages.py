@@ -25,56 +25,22 @@ from monai_amat.apps.compare.common import (
     say,
 )
 from monai_amat.apps.compare.report import combine_seeds, load_model_result, write_comparison
+from monai_amat.apps.settings import check_config, runner_keys, stage_only_keys, unused_by
 from monai_amat.utils import root_cause, write_json
 
 CONFIGS = ("train", "train_std", "train_sat", "calibrate", "evaluate")
 
 
-# keys the runner sets itself, per stage
+# keys the runner sets itself (the config keys of the settings table, and the arguments of ``monai.bundle run``)
 RESERVED = {
-    "ckpt_path": "it is set per stage (calibration reads DIR/std/model.pt, evaluation each run's model.pt)",
-    "thresholds_file": "it is DIR/thresholds.json, written by the calibration stage",
-    "resume": "interrupted trainings are resumed automatically",
-    "overwrite": "a training stage that runs afresh replaces its own unfinished attempt",
-    "export_model": "the comparison's models stay in their run folders, not in the bundle's models/",
-    "bundle_root": "it is the --bundle folder",
+    **runner_keys(),
     "config_file": "the stages use the bundle's own configs",
     "args_file": "the runner writes one per stage",
-    "sat_eps": "--sat_eps takes the list of SAT levels here",
 }
-
-
 # keys that only change the evaluation: changing them re-evaluates instead of refusing to retrain
-EVAL_ONLY_KEYS = (
-    "eps_list",
-    "attack_steps",
-    "eval_alpha",
-    "eval_random_start",
-    "eval_start_on_sphere",
-    "eval_attacks",
-    "masking_checks",
-    "breaking_eps",
-    "eval_eps_scale",
-    "sample_name_keys",
-)
-
-
-# training keys that a model's trainer (and its calibration, for STD) does not use: a change of them leaves its
-# earlier result valid
-UNUSED_BY = {
-    "train_std": (
-        "delta",
-        "max_margin",
-        "margin_refine",
-        "margin_floor",
-        "beta",
-        "default_tau",
-        "train_attack_steps",
-        "train_alpha",
-        "sat_start_on_sphere",
-    ),
-    "train_sat": ("delta", "max_margin", "margin_refine", "margin_floor", "beta", "default_tau"),
-}
+EVAL_ONLY_KEYS = stage_only_keys("evaluate")
+# the training stage of each training config over train.json
+TRAINING_STAGE = {"train_std": "std", "train_sat": "sat"}
 
 
 # evaluation keys whose bundle defaults go into the evaluation records: a changed default re-evaluates
@@ -203,8 +169,8 @@ class _Stage:
 
 
 def _unused(model: ModelRun) -> tuple[str, ...]:
-    """The training keys the model's configs do not use (see :py:data:`UNUSED_BY`)."""
-    return tuple(k for c in model.configs for k in UNUSED_BY.get(c, ()))
+    """The training keys the model's training stage does not use (:py:func:`monai_amat.apps.settings.unused_by`)."""
+    return unused_by(next((TRAINING_STAGE[c] for c in model.configs if c in TRAINING_STAGE), "amat"))
 
 
 def _used(settings: Mapping[str, Any], unused: Sequence[str]) -> dict[str, Any]:
@@ -277,8 +243,6 @@ class Comparison:
             raise CompareError(f"bundle {self.bundle} has no eps_list in evaluate.json.")
         self.settings = {k: defaults[k] for k in ("epochs", "attack_steps", "train_attack_steps", "data_source")}
         self.eval_settings = {k: defaults[k] for k in EVAL_DEFAULT_KEYS if defaults[k] is not None}
-
-        from monai_amat.apps.bundle import check_config  # loads torch and MONAI: not at import, for a quick --help
 
         try:
             check_config(
