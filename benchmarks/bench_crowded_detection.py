@@ -8,7 +8,8 @@ validation mAP of the last epoch, the test mAP at each eps and AMAT / STD of the
 ``--count`` say otherwise. Each stage is one ``python -m monai.bundle run`` with 1 torch thread.
 
 Usage: python benchmarks/bench_crowded_detection.py [--out DIR] [--epochs 60] [--size 256] [--count 20 125]
-[--eps 0 5 10] [--KEY VALUE ...] (any other --KEY VALUE is a config override, e.g. --detections_per_img 300).
+[--eps 0 5 10] [--KEY VALUE ...] (any other --KEY VALUE is a config override, e.g. --seed 1 for another training
+seed on the same data, or --detections_per_img 300).
 """
 
 from __future__ import annotations

@@ -195,12 +195,11 @@ def test_resume_extends_a_run_and_refuses_a_foreign_checkpoint(tmp_path):
 
 # the keys in which the MSD bundles may differ, per config file: the task, its sizes and its noise levels
 TASK_KEYS = {
-    "train.json": {"bundle_name", "task", "batch_size", "spatial_size", "filters", "paper_spatial_size", "delta"}
-    | {"sat_eps_list", "default_tau"},
+    "train.json": {"bundle_name", "task", "data_defaults", "paper_spatial_size", "delta", "sat_eps_list"},
     "train_sat.json": {"sat_eps"},
     "evaluate.json": {"eps_list"},
-    "volumetric.json": {"patch_size", "strides"},
-    "inference.json": {"bundle_name", "dataset_dir", "spatial_size", "filters", "in_channels", "out_channels"},
+    "volumetric.json": {"+data_defaults#embedded", "+data_defaults#real"},
+    "inference.json": {"bundle_name", "dataset_dir", "data_defaults", "in_channels", "out_channels"},
     "metadata.json": {"name", "task", "description", "data_source", "network_data_format"}
     | {"image_classes", "label_classes", "pred_classes"},
 }
@@ -221,8 +220,12 @@ def test_msd_bundles_share_one_skeleton():
         differ = {k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in parsed}) > 1}
         assert differ <= TASK_KEYS.get(name, set()), (name, sorted(differ - TASK_KEYS.get(name, set())))
     for folder in folders:  # inference.json repeats the training's network sizes: they must agree
-        train, inference = (json.loads((folder / n).read_text()) for n in ("train.json", "inference.json"))
-        assert all(train[k] == inference[k] for k in ("spatial_size", "filters")), folder
+        train, inference = (
+            json.loads((folder / n).read_text())["data_defaults"] for n in ("train.json", "inference.json")
+        )
+        assert train.keys() == inference.keys() == {"embedded", "real"}, folder
+        for source in train:
+            assert all(train[source][k] == inference[source][k] for k in ("spatial_size", "filters")), folder
 
 
 @pytest.mark.slow  # a whole standard training on the embedded defaults (about 20 s on 2 cores)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from monai_amat.apps.bundle import for_data_source
 from monai_amat.apps.compare.stages import EVAL_ONLY_KEYS, RESERVED
 from monai_amat.apps.settings import (
     BOOL_KEYS,
@@ -56,3 +57,10 @@ def test_the_runner_key_sets_come_from_the_table():
     assert {"delta", "beta", "margin_refine"} <= set(sat) and "train_attack_steps" not in sat
     assert "sat_start_on_sphere" in amat and not {"delta", "epochs", "norm"} & set(amat)
     assert not {"epochs", "batch_size", "learning_rate", "seed"} & (set(std) | set(sat) | set(amat))
+
+
+def test_defaults_per_data_source_name_the_key():
+    defaults = {"embedded": {"epochs": 16}, "real": {"epochs": 50}}
+    assert for_data_source(defaults, "real") == {"epochs": 50}
+    with pytest.raises(ValueError, match="config key 'data_source' = 'Real' is invalid: must be 'embedded' or 'real'"):
+        for_data_source(defaults, "Real")

@@ -27,6 +27,7 @@ __all__ = [
     "bundle_root",
     "check_output_dir",
     "default_eps_scale",
+    "for_data_source",
     "select_attacks",
     "load_tau",
     "load_loss_thresholds",
@@ -109,6 +110,25 @@ def bundle_root(name: str) -> str:
         f"cannot find bundle {name!r}: looked in {[str(c) for c in candidates]}; run from the repository root "
         "or pass --bundle_root."
     )
+
+
+def for_data_source(defaults: Mapping[str, Mapping[str, Any]], data_source: str) -> Mapping[str, Any]:
+    """The defaults of one data source, from a bundle's ``data_defaults`` (``{"embedded": {...}, "real": {...}}``).
+
+    Args:
+        defaults: the defaults per data source.
+        data_source: the ``data_source`` config value.
+
+    Returns:
+        ``defaults[data_source]``.
+
+    Raises:
+        ValueError: naming ``data_source`` when the table has no such data source.
+    """
+    if data_source not in defaults:
+        choices = " or ".join(repr(k) for k in defaults)
+        raise ValueError(f"config key 'data_source' = {data_source!r} is invalid: must be {choices}.")
+    return defaults[data_source]
 
 
 def default_eps_scale(
