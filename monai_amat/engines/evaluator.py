@@ -5,16 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from monai.engines import SupervisedEvaluator
-from monai.engines.utils import default_prepare_batch
+from monai.engines.utils import IterationEvents, default_prepare_batch
+from monai.utils import CommonKeys as Keys
 
 from monai_amat.attacks import PGD
 from monai_amat.keys import AttackEvents
+from monai_amat.utils import plain_tensor
 
-__all__ = ["RobustEvaluator", "check_eps_list"]
+__all__ = ["EvaluationPass", "RobustEvaluator", "check_eps_list"]
 
 
 def check_eps_list(eps_list: Sequence[float], name: str = "eps_list") -> list[float]:
@@ -41,6 +44,32 @@ def check_eps_list(eps_list: Sequence[float], name: str = "eps_list") -> list[fl
     return values
 
 
+@dataclass(frozen=True)
+class EvaluationPass:
+    """One run of the metrics over the evaluation data, at one eps under one attack.
+
+    Args:
+        eps: the noise level (evaluator units); 0 is the clean input (no attack runs).
+        attack: the name of one of the evaluator's attacks, another attack object (e.g. a probe's stronger attack),
+            or None: each sample's worst case kept by the earlier passes at this eps.
+        keep_worst: its adversarial inputs enter each sample's worst case (the evaluator's own attack passes when
+            something reads the worst case).
+        reported: its metrics are the reported ones (``engine.state.reported``), which e.g. per-sample writers keep.
+    """
+
+    eps: float
+    attack: str | PGD | None
+    keep_worst: bool = False
+    reported: bool = True
+
+    @property
+    def name(self) -> str:
+        """The attack's name, ``"worst case"`` for the worst-case pass."""
+        if self.attack is None:
+            return "worst case"
+        return self.attack if isinstance(self.attack, str) else type(self.attack).__name__.lower()
+
+
 class RobustEvaluator(SupervisedEvaluator):
     """A ``SupervisedEvaluator`` that runs its metrics on adversarial inputs, once per eps of ``eps_list``.
 
@@ -48,7 +77,8 @@ class RobustEvaluator(SupervisedEvaluator):
     attack perturbs the prepared inputs before the evaluator's usual forward pass, so inferers, post-transforms,
     metrics and handlers work unchanged (``engine.state.eps`` says which level is running, ``engine.state.attack_name``
     which attack; ``IMAGE`` in the output is the adversarial input). Gradients are enabled for the attack even inside
-    a no-grad context.
+    a no-grad context. Each run over the data is an :py:class:`EvaluationPass` (``engine.state.evaluation_pass``);
+    probes run their own through :py:meth:`evaluate_pass`.
 
     With several attacks, each eps is evaluated once per attack, then once more on the **worst case**: for every
     sample the adversarial input with the highest ``score_fn`` (the task loss by default) over the attacks. Only the
@@ -109,7 +139,7 @@ class RobustEvaluator(SupervisedEvaluator):
             device=device,
             val_data_loader=val_data_loader,
             network=network,
-            prepare_batch=self._attacked_batch,
+            prepare_batch=prepare_batch,
             event_names=event_names,
             **kwargs,
         )
@@ -122,7 +152,6 @@ class RobustEvaluator(SupervisedEvaluator):
         self.attack = next(iter(self.attacks.values()))
         self.eps_list = check_eps_list(eps_list)
         self.eps_scale = eps_scale if callable(eps_scale) else _check_scale(eps_scale)
-        self.clean_prepare_batch = prepare_batch
         self.attack_network = attack_network
         self.score_fn = self.attack.loss_fn if score_fn is None else score_fn
         self.probes = list(probes)
@@ -131,10 +160,10 @@ class RobustEvaluator(SupervisedEvaluator):
         self.state.eps = 0.0
         self.state.attack_name = ""
         self.state.reported = True
+        self.state.evaluation_pass = None
         self.state.robustness = None
+        # per batch index: the clean inputs' checksum, each sample's worst score and adversarial input (CPU)
         self.worst: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}
-        self._pass: str | PGD | None = None
-        self._batch_index = 0
 
     def attack_forward(self, batch: Sequence[Any]) -> tuple[torch.nn.Module, Callable[[torch.Tensor], Any]]:
         """The network the attacks take gradients through, and the forward function from inputs to its output.
@@ -193,22 +222,56 @@ class RobustEvaluator(SupervisedEvaluator):
             yield (
                 index,
                 batchdata,
-                self.clean_prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs),
+                self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs),
             )
 
-    def _attacked_batch(self, batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
-        batch = self.clean_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        index, self._batch_index = self._batch_index, self._batch_index + 1
-        if self.state.eps == 0:
-            return batch
-        if self._pass is None:  # the worst case over the attacks, picked in the earlier passes
-            return (self.worst_case(index, batch[0])[1].to(batch[0].device), *batch[1:])
+    def perturb(self, index: int, batch: Sequence[Any]) -> torch.Tensor:
+        """The inputs of a prepared batch under the current pass: clean, attacked, or the kept worst case.
+
+        Args:
+            index: the batch index in the data loader's order.
+            batch: the prepared batch ``(inputs, targets[, args, kwargs])``.
+
+        Returns:
+            The inputs the network sees in this pass.
+        """
+        evaluation = self.state.evaluation_pass
+        if evaluation.eps == 0:
+            return batch[0]
+        if evaluation.attack is None:
+            return self.worst_case(index, batch[0])[1].to(batch[0].device)
         network, forward = self.attack_forward(batch)
-        attack = self.attacks[self._pass] if isinstance(self._pass, str) else self._pass
-        adv = attack(network, batch[0], batch[1], self.state.eps * self.scale_for(batch[0]), forward_fn=forward)
-        if self.keep_worst and isinstance(self._pass, str):  # the probes' own passes do not enter the worst case
+        attack = self.attacks[evaluation.attack] if isinstance(evaluation.attack, str) else evaluation.attack
+        adv = attack(network, batch[0], batch[1], evaluation.eps * self.scale_for(batch[0]), forward_fn=forward)
+        if evaluation.keep_worst:
             self._keep_worst(index, batch, adv)
-        return (adv, *batch[1:])
+        return adv
+
+    def _iteration(self, engine: RobustEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
+        """One evaluation iteration of the current pass; returns ``engine.state.output``.
+
+        As ``SupervisedEvaluator``'s, with the inputs perturbed (:py:meth:`perturb`) between preparing the batch and
+        the forward pass: ``IMAGE`` in the output is what the network saw.
+
+        Raises:
+            ValueError: when ``batchdata`` is None.
+            RuntimeError: on a worst-case pass, when the batch was not attacked or differs from the one that was.
+        """
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        targets = batch[1]
+        args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
+        inputs = self.perturb((engine.state.iteration - 1) % engine.state.epoch_length, batch)
+        if self.compile:  # torch.compile does not take MetaTensors (MONAI converts them around the forward pass)
+            inputs = plain_tensor(inputs)
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        with engine.mode(engine.network):
+            with torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext():
+                engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
     def worst_case(self, index: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The worst case kept for a batch at the last eps evaluated: per-sample scores and adversarial inputs (CPU).
@@ -243,22 +306,22 @@ class RobustEvaluator(SupervisedEvaluator):
             adv = torch.where(better.view(-1, *[1] * (adv.dim() - 1)), adv, old_adv)
         self.worst[index] = (_checksum(batch[0]), scores, adv)
 
-    def evaluate_pass(self, eps: float, attack: str | PGD | None, global_epoch: int = 1) -> dict[str, float]:
-        """Run the metrics once over the data at one eps.
+    def evaluate_pass(self, evaluation: EvaluationPass, global_epoch: int = 1) -> dict[str, float]:
+        """Run the metrics once over the data: the one way to run a pass, for :py:meth:`run` and the probes alike.
 
         Args:
-            eps: the noise level (evaluator units).
-            attack: the name of one of the evaluator's attacks, or another attack object, to run; None evaluates
-                the worst case kept by the earlier passes at this eps.
+            evaluation: the pass.
             global_epoch: as in ``SupervisedEvaluator.run``.
 
         Returns:
             ``{metric name: value}``.
         """
-        self.state.eps = float(eps)
-        name = attack if attack is None or isinstance(attack, str) else type(attack).__name__.lower()
-        self.state.attack_name = "worst case" if name is None else name
-        self._pass, self._batch_index = attack, 0
+        self.state.evaluation_pass = evaluation
+        self.state.eps, self.state.attack_name, self.state.reported = (
+            float(evaluation.eps),
+            evaluation.name,
+            evaluation.reported,
+        )
         super().run(global_epoch)
         return {name: float(torch.as_tensor(v).float().mean()) for name, v in self.state.metrics.items()}
 
@@ -278,14 +341,15 @@ class RobustEvaluator(SupervisedEvaluator):
             for eps in self.eps_list:
                 self.worst = {}
                 if eps == 0:  # the clean input: every attack's value
-                    self.state.reported = True
-                    values = self.evaluate_pass(eps, next(iter(self.attacks)), global_epoch)
+                    values = self.evaluate_pass(EvaluationPass(eps, next(iter(self.attacks))), global_epoch)
                     attacked = dict.fromkeys(self.attacks, values)
                 else:
-                    self.state.reported = single
-                    attacked = {name: self.evaluate_pass(eps, name, global_epoch) for name in self.attacks}
-                    self.state.reported = True
-                    values = next(iter(attacked.values())) if single else self.evaluate_pass(eps, None, global_epoch)
+                    attacked = {
+                        name: self.evaluate_pass(EvaluationPass(eps, name, self.keep_worst, single), global_epoch)
+                        for name in self.attacks
+                    }
+                    worst = EvaluationPass(eps, None)
+                    values = next(iter(attacked.values())) if single else self.evaluate_pass(worst, global_epoch)
                 for name, attack_values in attacked.items():
                     for metric, value in attack_values.items():
                         per_attack[name].setdefault(metric, []).append(value)
@@ -303,6 +367,7 @@ class RobustEvaluator(SupervisedEvaluator):
         finally:
             self.state.key_metric_name = key_metric_name
         self.state.eps, self.state.attack_name, self.state.reported = 0.0, "", True
+        self.state.evaluation_pass = None
         self.fire_event(AttackEvents.ROBUSTNESS_COMPLETED)
 
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from monai_amat.attacks import APGD, PGD
-
-if TYPE_CHECKING:
-    from monai_amat.engines.evaluator import RobustEvaluator
+from monai_amat.engines.evaluator import EvaluationPass, RobustEvaluator
 
 __all__ = [
     "GradientMaskingChecks",
@@ -327,9 +325,8 @@ class GradientMaskingChecks:
             checks.append(
                 check_beaten("random_noise", worst, noisy, f"random noise of norm eps {top:g}", self.fraction)
             )
-            evaluator.state.reported = False
             strong = self._strong(evaluator.attack)
-            stronger = evaluator.evaluate_pass(top, strong)
+            stronger = evaluator.evaluate_pass(EvaluationPass(top, strong, reported=False))
             checks.append(
                 check_stronger(
                     {name: values[-1] for name, values in metrics.items()},
@@ -342,7 +339,9 @@ class GradientMaskingChecks:
             )
             if eps[0] == 0:
                 large_eps = self.large_eps_factor * top
-                large = evaluator.evaluate_pass(large_eps, next(iter(evaluator.attacks)))
+                large = evaluator.evaluate_pass(
+                    EvaluationPass(large_eps, next(iter(evaluator.attacks)), reported=False)
+                )
                 clean = {name: values[0] for name, values in metrics.items()}
                 checks.append(
                     check_large_eps(clean, large, large_eps, self.lower_is_better, self.worst_values, self.gap)
