@@ -17,8 +17,9 @@ __all__ = ["AttackEvents", "AttackKeys"]
 class AttackEvents(EventEnum):
     """Events of the adversarial engines, besides MONAI's ``IterationEvents``.
 
-    - ``ATTACK_COMPLETED``: a trainer's attack has run; ``engine.state.output`` holds its per-sample results
-      (batch level, before decollation).
+    - ``ATTACK_COMPLETED``: a trainer's attack and adversarial pass have run (after ``FORWARD_COMPLETED``, the clean
+      pass, and before ``LOSS_COMPLETED``); ``engine.state.output`` holds its per-sample results (batch level,
+      before decollation).
     - ``ROBUSTNESS_COMPLETED``: a ``RobustEvaluator`` has evaluated every eps; ``engine.state.robustness`` holds
       the metrics per eps.
     """

@@ -202,9 +202,9 @@ def test_iteration_events_and_outputs(tmp_path):
     StatsHandler(name="amat_test", output_transform=lambda o: o[0]["loss"]).attach(trainer)
     trainer.run()
     one = order[:5]
-    assert one == [
-        AttackEvents.ATTACK_COMPLETED,
+    assert one == [  # SupervisedTrainer's order, the attack between the (clean) forward pass and the loss
         IterationEvents.FORWARD_COMPLETED,
+        AttackEvents.ATTACK_COMPLETED,
         IterationEvents.LOSS_COMPLETED,
         IterationEvents.BACKWARD_COMPLETED,
         IterationEvents.MODEL_COMPLETED,

@@ -198,14 +198,17 @@ class RobustTrainer(SupervisedTrainer):
     def _iteration(self, engine: RobustTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         """One adversarial training iteration; returns ``engine.state.output``.
 
+        The stages, each event fired when its stage is done, in ``SupervisedTrainer``'s order with the attack
+        inserted: the clean pass (:py:meth:`clean_pass`) -> ``FORWARD_COMPLETED``; the attack and the adversarial
+        pass (:py:meth:`attack_pass`) -> ``ATTACK_COMPLETED``; the loss -> ``LOSS_COMPLETED``; its backward ->
+        ``BACKWARD_COMPLETED``; the optimizer step (:py:meth:`optimizer_step`) -> ``MODEL_COMPLETED``. A batch with
+        a non-finite loss is skipped (``skip_non_finite``) after the adversarial pass, before ``ATTACK_COMPLETED``,
+        so no handler records its attack; of its events only ``FORWARD_COMPLETED`` has fired.
+
         Besides MONAI's ``IMAGE``, ``LABEL``, ``PRED`` (clean) and ``LOSS``, the output holds the
         :py:class:`AttackKeys`: the adversarial image and prediction, the per-sample eps, found flags (and
         whether the start iterate was already wrong), noise norms, clean-correct flags, clean and adversarial losses,
         and the sample indices.
-
-        The adversarial pass runs before ``ATTACK_COMPLETED`` fires, so that a batch with a non-finite loss can be
-        skipped (``skip_non_finite``) before any handler records it; then ``ATTACK_COMPLETED``,
-        ``FORWARD_COMPLETED`` and ``LOSS_COMPLETED`` fire in that order. A skipped batch fires none of them.
 
         Raises:
             ValueError: when ``batchdata`` is None or a loss is not one value per sample.
@@ -226,15 +229,56 @@ class RobustTrainer(SupervisedTrainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        # the clean term's gradient is back-propagated now, to free its graph before the attack (peak memory as
-        # adversarial-only SAT); under DDP it only accumulates locally and is all-reduced with the adversarial term's
+        clean, correct, clean_term = self.clean_pass(engine, inputs, targets, forward)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        adv = self.attack_pass(engine, inputs, targets, indices, forward, correct)
+        adv_term = self.beta * (adv * correct).sum() / size
+        out.update(
+            {
+                Keys.LOSS: clean_term.detach() + adv_term,
+                AttackKeys.CLEAN_LOSS: clean.detach(),
+                AttackKeys.ADV_LOSS: adv.detach(),
+            }
+        )
+        problem = self._non_finite(engine, {"clean": clean, "adversarial": adv}, indices)
+        if problem is not None:
+            return self._skip(engine, problem, adv_term)
+        engine.fire_event(AttackEvents.ATTACK_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        self._backward(engine, adv_term)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        self.optimizer_step(engine)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def clean_pass(
+        self, engine: RobustTrainer, inputs: torch.Tensor, targets: Any, forward: Callable[[torch.Tensor], Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The clean forward pass, its per-sample loss and "correct", and the backward of the clean term.
+
+        The clean term's gradient is back-propagated here, to free its graph before the attack (the peak memory of
+        adversarial-only SAT); under DDP it only accumulates locally and is all-reduced with the adversarial term's.
+        Writes the detached clean prediction to ``engine.state.output``.
+
+        Args:
+            engine: this trainer.
+            inputs: the clean inputs ``(B, ...)``.
+            targets: the batch's targets.
+            forward: the forward function from inputs to the network's output.
+
+        Returns:
+            ``(clean loss (B,), clean-correct flags (B,), clean term (1 - beta) mean(loss))``.
+        """
+        size = inputs.shape[0]
         ddp = is_ddp(engine.network)  # compiled (MONAI's ``compile=True``) or not
         with engine.network.no_sync() if ddp and self.beta < 1.0 else nullcontext():
             with torch.set_grad_enabled(self.beta < 1.0):
-                out[Keys.PRED] = forward(inputs)
+                pred = forward(inputs)
                 criterion = self.criterion if self.clean_criterion else None
                 clean, correct = loss_and_correct(
-                    engine.loss_function, to_float32(out[Keys.PRED]), targets, size, criterion, "loss_function"
+                    engine.loss_function, to_float32(pred), targets, size, criterion, "loss_function"
                 )
             if correct is None:
                 correct = torch.ones(size, dtype=torch.bool, device=clean.device)
@@ -242,8 +286,33 @@ class RobustTrainer(SupervisedTrainer):
             clean_term = (1.0 - self.beta) * clean.mean()
             if clean_term.requires_grad:
                 self._backward(engine, clean_term)
-        out[Keys.PRED] = map_tensors(out[Keys.PRED], torch.Tensor.detach)
+        engine.state.output[Keys.PRED] = map_tensors(pred, torch.Tensor.detach)
+        return clean, correct, clean_term
 
+    def attack_pass(
+        self,
+        engine: RobustTrainer,
+        inputs: torch.Tensor,
+        targets: Any,
+        indices: torch.Tensor | None,
+        forward: Callable[[torch.Tensor], Any],
+        correct: torch.Tensor,
+    ) -> torch.Tensor:
+        """The attack at each sample's budget and the adversarial forward pass; writes the attack's outputs.
+
+        Args:
+            engine: this trainer.
+            inputs: the clean inputs ``(B, ...)``.
+            targets: the batch's targets.
+            indices: the batch's sample indices, or None.
+            forward: the forward function from inputs to the network's output.
+            correct: the clean-correct flags ``(B,)``.
+
+        Returns:
+            The per-sample adversarial loss ``(B,)``, with its graph.
+        """
+        size = inputs.shape[0]
+        out = engine.state.output
         eps, radius = self.budget(engine, indices, size)
         result: AttackResult = self.attack.attack(
             engine.network,
@@ -267,35 +336,16 @@ class RobustTrainer(SupervisedTrainer):
             }
         )
         out[AttackKeys.ADV_PRED] = forward(result.adv)
-        adv = check_per_sample(
+        return check_per_sample(
             engine.loss_function(to_float32(out[AttackKeys.ADV_PRED]), targets), size, "loss_function"
         )
-        adv_term = self.beta * (adv * correct).sum() / size
-        out.update(
-            {
-                Keys.LOSS: clean_term.detach() + adv_term,
-                AttackKeys.CLEAN_LOSS: clean.detach(),
-                AttackKeys.ADV_LOSS: adv.detach(),
-            }
-        )
-        problem = self._non_finite(engine, {"clean": clean, "adversarial": adv}, indices)
-        if problem is not None:
-            if not self.skip_non_finite:
-                raise FloatingPointError(problem)
-            engine.state.skipped_batches += 1
-            engine.logger.warning(f"skipped batch {engine.state.skipped_batches} of this run: {problem}")
-            if ddp:  # DDP expects the backward of its synchronised forward: one all-reduce, whose result is dropped
-                (adv_term * 0.0).backward()
-            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)  # drop the gradients of this batch
-            out[Keys.LOSS] = out[Keys.LOSS].detach()
-            return out
 
-        engine.fire_event(AttackEvents.ATTACK_COMPLETED)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+    def optimizer_step(self, engine: RobustTrainer) -> None:
+        """Clip the gradient norm (``grad_clip_norm``) and step the optimizer (through the AMP scaler when on).
 
-        self._backward(engine, adv_term)
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        Args:
+            engine: this trainer.
+        """
         if self.grad_clip_norm is not None:
             if engine.amp and engine.scaler is not None:
                 engine.scaler.unscale_(engine.optimizer)
@@ -305,7 +355,17 @@ class RobustTrainer(SupervisedTrainer):
             engine.scaler.update()
         else:
             engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+
+    def _skip(self, engine: RobustTrainer, problem: str, adv_term: torch.Tensor) -> dict:
+        """Skip a batch with a non-finite loss, or raise when ``skip_non_finite`` is False; its output, detached."""
+        if not self.skip_non_finite:
+            raise FloatingPointError(problem)
+        engine.state.skipped_batches += 1
+        engine.logger.warning(f"skipped batch {engine.state.skipped_batches} of this run: {problem}")
+        if is_ddp(engine.network):  # DDP expects the backward of its synchronised forward: one all-reduce, dropped
+            (adv_term * 0.0).backward()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)  # drop the gradients of this batch
+        engine.state.output[Keys.LOSS] = engine.state.output[Keys.LOSS].detach()
         return engine.state.output
 
     @staticmethod
