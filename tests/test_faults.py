@@ -10,11 +10,13 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser, run
+from monai.engines.utils import IterationEvents
 
 from monai_amat.attacks import PGD
 from monai_amat.engines import AMATTrainer, SATTrainer
 from monai_amat.handlers import MarginHandler
 from monai_amat.handlers.checkpoint import AtomicCheckpointSaver
+from monai_amat.keys import AttackEvents
 from monai_amat.losses import PerSampleDiceCELoss
 from monai_amat.utils import atomic_write
 from tests.helpers import chain, configs, seg_loader, small_unet, synthetic_seg_data, tiny
@@ -131,9 +133,19 @@ def test_skip_non_finite_skips_and_counts_the_batch(tmp_path, caplog):
         )
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, compare)
+    fired = []
+    for event in (IterationEvents.FORWARD_COMPLETED, AttackEvents.ATTACK_COMPLETED, IterationEvents.MODEL_COMPLETED):
+        trainer.add_event_handler(event, lambda e, ev=event: fired.append((e.state.iteration, ev)))
     with caplog.at_level(logging.WARNING):
         trainer.run()
     assert trainer.state.skipped_batches == 1
+    # the skipped batch's clean pass ran (FORWARD_COMPLETED), nothing after it
+    assert [ev for i, ev in fired if i == 1] == [IterationEvents.FORWARD_COMPLETED]
+    assert [ev for i, ev in fired if i == 2] == [
+        IterationEvents.FORWARD_COMPLETED,
+        AttackEvents.ATTACK_COMPLETED,
+        IterationEvents.MODEL_COMPLETED,
+    ]
     assert changed == {1: False, 2: True}  # the skipped batch stepped nothing, the next one trained
     # the skipped batch (samples 0..3) left the margin table alone; the other batch's samples were updated
     assert margins.margins.tolist() == [1.0] * 4 + [2.0] * 4  # no criterion: the trained batch expands
